@@ -1,0 +1,38 @@
+"""lcs: Learning Compressible Subspaces (Nunez, Horton et al., 2021).
+
+Train one subspace of networks, pick any compression level at inference time:
+
+    >>> import lcs
+    >>> model = lcs.models.create("cpreresnet20", num_classes=10)
+    >>> sub = lcs.convert(model, lcs.UnstructuredConfig(geometry="line"))
+    >>> sub.set_alpha(0.1)            # 10 % of the compressible weights survive
+    0.1
+    >>> plain = lcs.materialize(sub, 0.1)   # a plain nn.Module at α = 0.1
+
+The names below import only torch and safetensors; training, evaluation and plotting live in
+``lcs.train``, ``lcs.evaluate`` and ``lcs.report`` and are imported on first use.
+"""
+
+from . import models
+from .artifact import load_compressed, save_compressed
+from .errors import LcsError
+from .materialize import materialize
+from .regimes import UnstructuredConfig
+from .subspace import Subspace, convert
+
+__all__ = ["models", "convert", "Subspace", "UnstructuredConfig", "materialize", "save_compressed",
+           "load_compressed", "LcsError", "Trainer", "load_config", "Config"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Training-side names are imported lazily so that deploying needs no training dependencies.
+    if name == "Trainer":
+        from .train import Trainer
+
+        return Trainer
+    if name in ("load_config", "Config"):
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'lcs' has no attribute {name!r}")

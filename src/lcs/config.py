@@ -1,0 +1,237 @@
+"""The one typed configuration. Dataclass defaults are the only defaults.
+
+Flow: dataclass defaults → YAML file (``--config``) → ``--set section.key=value`` → validation.
+The resolved config is written to the run directory as ``config.yaml``. The defaults are tuned for
+the embedded ``digits`` data (a 2-minute CPU demo); ``configs/*.yaml`` hold recipes for CIFAR-10.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LcsError
+from .regimes import RegimeConfig, UnstructuredConfig
+
+__all__ = ["Config", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "RunConfig",
+           "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "save_config"]
+
+DATASETS = ("digits", "cifar10", "folder")
+REGIME_NORMS = {"unstructured": "gn"}
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits (embedded) | cifar10 (python batches) | folder (root/<class>/*.jpg)
+    root: str | None = None  # dataset folder (cifar10, folder)
+    val_fraction: float = 0.1  # held out from the training data when there is no val split
+    image_size: int = 32  # images are resized to this square size
+    batch_size: int = 64  # global batch size
+    augment: bool = True  # random crop (pad = size/8) + flip where the data allows
+    cache: bool = True  # cache decoded folders in $LCS_CACHE or ~/.cache/lcs (safetensors)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cpreresnet20"
+    norm: str | None = None  # gn | in | bn; None = the regime's default (GroupNorm for unstructured)
+    num_classes: int | None = None  # None = from the data
+
+
+@dataclass
+class MethodConfig:
+    regime: str = "unstructured"  # unstructured
+    name: str = "lcs_l"  # lcs_l | lcs_p | target
+    d_min: float = 0.025  # lowest density of the subspace (97.5 % sparsity)
+    target: float | None = None  # the target level of the 'target' baseline (a density)
+    warmup: float = 0.8  # compression warm-up, fraction of all steps (SPEC: 80 %)
+    beta: float = 1.0  # weight of the cos² regularizer (lines only)
+    endpoint_prob: float = 0.5  # LCS+L: probability of sampling an endpoint
+    line_init: str = "independent"  # independent | copy (second endpoint from the first)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 15
+    lr: float = 0.05  # peak learning rate (SGD)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0  # linear LR warm-up, then cosine decay to 0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+    checkpoint_every: int = 1  # epochs between checkpoints
+    keep_checkpoints: int = 2
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def regime_config(self) -> RegimeConfig:
+        """The regime config that ``lcs.convert`` takes, with the method's geometry."""
+        geometry = "line" if self.method.name == "lcs_l" else "point"
+        return UnstructuredConfig(geometry=geometry, d_min=self.method.d_min, line_init=self.method.line_init)
+
+    @property
+    def norm(self) -> str:
+        return self.model.norm or REGIME_NORMS[self.method.regime]
+
+    def validate(self) -> Config:
+        from .methods import METHODS
+
+        d, o, m = self.data, self.optim, self.method
+        if d.name not in DATASETS:
+            raise LcsError(f"data.name must be one of {', '.join(DATASETS)}, got {d.name!r}")
+        if d.name != "digits" and not d.root:
+            raise LcsError(f"data {d.name!r} needs a folder: --data-root PATH")
+        _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "in (0, 1)")
+        _check(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
+        _check(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
+        _check(o.epochs >= 1, "optim.epochs", o.epochs, ">= 1")
+        _check(o.lr > 0, "optim.lr", o.lr, "> 0")
+        _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
+        _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+        _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", o.warmup_epochs, "in [0, epochs]")
+        _check(0 <= o.label_smoothing < 1, "optim.label_smoothing", o.label_smoothing, "in [0, 1)")
+        if m.regime not in METHODS:
+            raise LcsError(f"method.regime must be one of {', '.join(METHODS)}, got {m.regime!r}")
+        if m.name not in METHODS[m.regime]:
+            raise LcsError(f"method.name must be one of {', '.join(METHODS[m.regime])} for regime "
+                           f"{m.regime!r}, got {m.name!r}")
+        _check(0 <= m.warmup <= 1, "method.warmup", m.warmup, "in [0, 1]")
+        _check(m.beta >= 0, "method.beta", m.beta, ">= 0")
+        _check(0 <= m.endpoint_prob <= 1, "method.endpoint_prob", m.endpoint_prob, "in [0, 1]")
+        if self.model.norm is not None and self.model.norm not in ("gn", "in", "bn"):
+            raise LcsError(f"model.norm must be gn, in or bn, got {self.model.norm!r}")
+        regime = self.regime_config()  # validates d_min, line_init
+        if m.name == "target":
+            if m.target is None:
+                raise LcsError("method 'target' needs a target level: --set method.target=0.1")
+            regime.level(m.target)
+        _check(self.run.checkpoint_every >= 1, "run.checkpoint_every", self.run.checkpoint_every, ">= 1")
+        _check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints", self.run.keep_checkpoints, ">= 1")
+        return self
+
+
+def _check(ok: bool, key: str, value: Any, want: str) -> None:
+    if not ok:
+        raise LcsError(f"{key}={value!r} is invalid: must be {want}")
+
+
+def _sections(cfg: Config) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or fail naming the key."""
+    hint = annotation
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise LcsError(f"{key} cannot be empty")
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise LcsError(f"{key}={value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    sections = _sections(cfg)
+    if section not in sections or not key:
+        raise LcsError(f"unknown config key {dotted!r}: keys look like section.key with section one of "
+                       f"{', '.join(sections)}")
+    obj = sections[section]
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        raise LcsError(f"unknown config key {dotted!r}; {section} has: {', '.join(hints)}")
+    setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def config_from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
+    """A Config from a nested dict (YAML), rejecting unknown sections and keys."""
+    cfg = base or Config()
+    if not isinstance(raw, dict):
+        raise LcsError("a config file must hold a mapping of sections (data, model, method, optim, run)")
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise LcsError(f"config section {section!r} must be a mapping, got {values!r}")
+        for key, value in values.items():
+            _set(cfg, f"{section}.{key}", value)
+    return cfg
+
+
+def apply_overrides(cfg: Config, pairs: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (``--set``)."""
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise LcsError(f"--set expects key=value, got {pair!r}")
+        _set(cfg, key.strip(), value.strip())
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then overrides, then validation."""
+    cfg = Config()
+    if path is not None:
+        import yaml
+
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise LcsError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise LcsError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        config_from_dict(raw, cfg)
+    apply_overrides(cfg, overrides or [])
+    return cfg.validate()
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    import yaml
+
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,45 @@
+"""``materialize``: the compressed network at α as a plain model with no subspace machinery."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .subspace import Subspace
+
+__all__ = ["materialize", "strip_parametrizations"]
+
+
+@torch.no_grad()
+def strip_parametrizations(model: nn.Module) -> nn.Module:
+    """Bake every parametrization's current value into a plain Parameter, in place.
+
+    Not ``parametrize.remove_parametrizations``: a deep copy of a parametrized module shares its
+    injected class with the original, and removing the parametrization deletes the property from
+    that shared class, which would break the original subspace. Here only this model's modules
+    get their original class back.
+    """
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        values = {name: getattr(module, name).detach().clone() for name in module.parametrizations.keys()}
+        module.__class__ = parametrize.type_before_parametrizations(module)
+        del module._modules["parametrizations"]
+        for name, value in values.items():
+            module._parameters[name] = nn.Parameter(value)
+    return model
+
+
+def materialize(sub: Subspace, alpha: float) -> nn.Module:
+    """A deep copy of the model with θ(α) compressed by f(·, γ(α)) baked in: ordinary Conv2d /
+    Linear / norm modules, scriptable and exportable. The subspace itself is left untouched.
+
+    Example:
+        >>> plain = lcs.materialize(sub, 0.1)   # doctest: +SKIP
+    """
+    with sub.at(alpha):
+        plain = copy.deepcopy(sub.model)  # its copied SubspaceState keeps α after the context exits
+    return strip_parametrizations(plain).eval()

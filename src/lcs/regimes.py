@@ -1,0 +1,96 @@
+"""Compression regimes as typed configs: each maps α to a compression level γ(α).
+
+A regime is a small frozen dataclass; ``lcs.convert`` dispatches on its type (see
+``subspace.register_regime``). Structured sparsity and quantization add their own configs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .errors import LcsError
+
+__all__ = ["RegimeConfig", "UnstructuredConfig", "GEOMETRIES", "check_alpha"]
+
+GEOMETRIES = ("line", "point")
+
+
+def check_alpha(alpha: float, lo: float = 0.0, hi: float = 1.0) -> float:
+    """α as a float inside [lo, hi] (with a 1e-9 tolerance), or a ValueError naming the range."""
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise LcsError(f"alpha must be a number, got {alpha!r}") from None
+    if math.isnan(a) or not (lo - 1e-9 <= a <= hi + 1e-9):
+        raise LcsError(f"alpha={alpha} is outside the subspace's range [{lo:g}, {hi:g}]")
+    return min(max(a, lo), hi)
+
+
+@dataclass(frozen=True)
+class RegimeConfig:
+    """Common fields: the subspace geometry and how the second line endpoint starts.
+
+    Args:
+        geometry: ``"line"`` (LCS+L: two weight sets, θ(α) = (1−α)θ₀ + αθ₁) or ``"point"``
+            (LCS+P and the target baselines: one weight set, α only sets the compression).
+        line_init: ``"independent"`` (SPEC: θ₁ drawn afresh; norm scales 0.5) or ``"copy"`` (θ₁ = θ₀,
+            to start a subspace from pretrained dense weights).
+    """
+
+    geometry: str = "line"
+    line_init: str = "independent"
+
+    regime: ClassVar[str] = ""
+    level_name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if self.geometry not in GEOMETRIES:
+            raise LcsError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
+        if self.line_init not in ("independent", "copy"):
+            raise LcsError(f"line_init must be 'independent' or 'copy', got {self.line_init!r}")
+
+    @property
+    def alpha_range(self) -> tuple[float, float]:
+        return (0.0, 1.0)
+
+    @property
+    def level_max(self) -> float:
+        """The uncompressed level (used during warm-ups)."""
+        raise NotImplementedError
+
+    def level(self, alpha: float) -> float:
+        """γ(α): the compression level at α."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class UnstructuredConfig(RegimeConfig):
+    """Unstructured sparsity: per-layer magnitude TopK at density d = α on [d_min, 1].
+
+    Example:
+        >>> UnstructuredConfig(d_min=0.025).level(0.1)
+        0.1
+    """
+
+    d_min: float = 0.025
+
+    regime: ClassVar[str] = "unstructured"
+    level_name: ClassVar[str] = "density"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0.0 < self.d_min <= 1.0):
+            raise LcsError(f"d_min must be in (0, 1], got {self.d_min}")
+
+    @property
+    def alpha_range(self) -> tuple[float, float]:
+        return (self.d_min, 1.0)
+
+    @property
+    def level_max(self) -> float:
+        return 1.0
+
+    def level(self, alpha: float) -> float:
+        return check_alpha(alpha, *self.alpha_range)

@@ -1,0 +1,79 @@
+"""Build the pieces of a run from its config, for training and for evaluating or exporting a
+finished run directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from . import models
+from .checkpoint import latest_checkpoint, load_weights
+from .config import Config, config_from_dict
+from .errors import LcsError
+from .subspace import Subspace, convert
+
+__all__ = ["build_subspace", "open_data", "load_run", "arch_meta", "cache_dir", "resolve_device"]
+
+
+def cache_dir() -> str:
+    return os.environ.get("LCS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lcs")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LcsError("run.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def arch_meta(cfg: Config) -> dict:
+    """How to rebuild the plain architecture by name (stored in exported artifacts)."""
+    return {"name": cfg.model.name, "kwargs": {"num_classes": cfg.model.num_classes, "norm": cfg.norm}}
+
+
+def build_subspace(cfg: Config) -> Subspace:
+    """The plain model from the registry, converted for the config's regime and method."""
+    if cfg.model.num_classes is None:
+        raise LcsError("model.num_classes is not resolved (it comes from the data)")
+    arch = arch_meta(cfg)
+    model = models.create(arch["name"], **arch["kwargs"])
+    return convert(model, cfg.regime_config())
+
+
+def open_data(cfg: Config, root: str | None = None, name: str | None = None):
+    """Load the configured data set (optionally another one, for evaluation)."""
+    from .data import load_data
+
+    return load_data(name or cfg.data.name, root if root is not None else cfg.data.root,
+                     val_fraction=cfg.data.val_fraction, seed=cfg.run.seed, image_size=cfg.data.image_size,
+                     cache_dir=cache_dir() if cfg.data.cache else None)
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[Config, Subspace, dict]:
+    """(config, subspace with the latest weights, checkpoint state) of a run directory."""
+    import json
+
+    import yaml
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise LcsError(f"run directory not found: {run_dir}")
+    try:
+        raw = yaml.safe_load((run / "config.yaml").read_text())
+    except FileNotFoundError:
+        raise LcsError(f"{run_dir} has no config.yaml: not an lcs run directory") from None
+    except yaml.YAMLError as e:
+        raise LcsError(f"{run}/config.yaml is not valid YAML: {str(e).splitlines()[0]}") from None
+    cfg = config_from_dict(raw).validate()
+    sub = build_subspace(cfg)
+    ckpt = latest_checkpoint(run)
+    load_weights(ckpt / "weights.safetensors", sub.model)
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LcsError(f"checkpoint {ckpt}/state.json is corrupted ({e})") from None
+    sub.model.eval()
+    return cfg, sub, state

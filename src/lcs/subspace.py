@@ -1,0 +1,189 @@
+"""``convert``: make any Conv2d / Linear / norm model a compressible subspace, in place, in one call.
+
+The returned ``Subspace`` handle owns the shared α and knows which tensors are lines and which
+layers compress. Models themselves stay ordinary ``nn.Module`` s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import LcsError
+from .parametrizations import Line, SubspaceState, TopK
+from .regimes import RegimeConfig, UnstructuredConfig, check_alpha
+
+__all__ = ["Subspace", "convert", "register_regime", "default_filter", "LINEAR_TYPES", "NORM_TYPES"]
+
+LINEAR_TYPES = (nn.Conv2d, nn.Linear)
+NORM_TYPES = (nn.GroupNorm, nn.BatchNorm2d, nn.InstanceNorm2d, nn.LayerNorm, nn.BatchNorm1d)
+
+FilterFn = Callable[[nn.Module, str], bool]
+RegimeHandler = Callable[[nn.Module, str, SubspaceState, Any], None]
+_REGIME_HANDLERS: dict[type, RegimeHandler] = {}
+
+
+def register_regime(config_type: type) -> Callable[[RegimeHandler], RegimeHandler]:
+    """Register ``fn(module, fqn, state, config)`` that makes one layer compressible for a regime."""
+
+    def deco(fn: RegimeHandler) -> RegimeHandler:
+        _REGIME_HANDLERS[config_type] = fn
+        return fn
+
+    return deco
+
+
+@register_regime(UnstructuredConfig)
+def _add_topk(module: nn.Module, fqn: str, state: SubspaceState, config: UnstructuredConfig) -> None:
+    parametrize.register_parametrization(module, "weight", TopK(state))
+
+
+def _leaf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
+
+
+def default_filter(model: nn.Module) -> FilterFn:
+    """Compress every Conv2d/Linear except the first and the last (the stem and the classifier),
+    which SPEC §2 keeps dense: they are tiny and the most sensitive."""
+    layers = _leaf_layers(model)
+    keep_dense = {layers[0][0], layers[-1][0]} if layers else set()
+    return lambda module, fqn: isinstance(module, LINEAR_TYPES) and fqn not in keep_dense
+
+
+def _line_init(module: nn.Module, name: str, line_init: str) -> str:
+    if line_init == "copy":
+        return "copy"
+    if isinstance(module, NORM_TYPES):
+        return "half" if name == "weight" else "zeros"
+    return "kaiming" if name == "weight" else "zeros"
+
+
+class Subspace:
+    """A converted model plus its α. Use ``set_alpha`` (or ``with sub.at(a):``) to move on it.
+
+    Attributes:
+        model: the converted model (modified in place by ``convert``).
+        config: the regime config.
+        compressed: fully qualified names of the layers that compress.
+        lines: (fqn, tensor name) of every tensor that is a line (LCS+L only).
+    """
+
+    def __init__(self, model: nn.Module, config: RegimeConfig, state: SubspaceState,
+                 compressed: list[str], lines: list[tuple[str, str]]):
+        self.model = model
+        self.config = config
+        self.state = state
+        self.compressed = compressed
+        self.lines = lines
+
+    # -- α ---------------------------------------------------------------------------------------
+    @property
+    def alpha(self) -> float:
+        return self.state.alpha
+
+    @property
+    def level(self) -> float:
+        return self.state.level
+
+    @property
+    def alpha_range(self) -> tuple[float, float]:
+        return self.config.alpha_range
+
+    def set_alpha(self, alpha: float, level: float | None = None) -> float:
+        """Move the whole model to α; returns the realized level (density, width or bits).
+
+        ``level`` overrides γ(α) (training warm-ups use it); it is validated against the regime.
+        Raises ``ValueError`` (``LcsError``) for α outside the trained range or NaN.
+        """
+        a = check_alpha(alpha, *self.alpha_range)
+        lvl = self.config.level(a) if level is None else float(level)
+        if level is not None and not (0.0 < lvl <= self.config.level_max):
+            raise LcsError(f"level={level} is outside (0, {self.config.level_max:g}]")
+        self.state.alpha, self.state.level = a, lvl
+        return lvl
+
+    @contextlib.contextmanager
+    def at(self, alpha: float, level: float | None = None) -> Iterator[float]:
+        """Temporarily move to α: ``with sub.at(0.1): model(x)``."""
+        old = (self.state.alpha, self.state.level)
+        try:
+            yield self.set_alpha(alpha, level)
+        finally:
+            self.state.alpha, self.state.level = old
+
+    # -- parameters ------------------------------------------------------------------------------
+    def _module(self, fqn: str) -> nn.Module:
+        return self.model.get_submodule(fqn)
+
+    def line_pairs(self, which: str = "compressed") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(θ₀, θ₁) of line tensors: ``"compressed"`` = weights of compressing layers (the
+        regularizer's scope for sparsity and quantization), ``"all"`` = every line tensor."""
+        compressed = set(self.compressed)
+        pairs = []
+        for fqn, name in self.lines:
+            if which == "compressed" and not (fqn in compressed and name == "weight"):
+                continue
+            plist = self._module(fqn).parametrizations[name]
+            pairs.append((plist.original0, plist.original1))
+        return pairs
+
+    def compressed_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The compressing layers' weights at the current α, as the forward pass sees them."""
+        for fqn in self.compressed:
+            yield fqn, self._module(fqn).weight
+
+    def __repr__(self) -> str:
+        return (f"Subspace({type(self.config).__name__}, geometry={self.config.geometry}, "
+                f"alpha={self.alpha:g}, {self.config.level_name}={self.level:g}, "
+                f"{len(self.compressed)} compressed layers, {len(self.lines)} line tensors)")
+
+
+def convert(model: nn.Module, config: RegimeConfig, *, filter_fn: FilterFn | None = None) -> Subspace:
+    """Make ``model`` a compressible subspace in place and return its handle.
+
+    Args:
+        model: any model built of Conv2d / Linear / norm layers.
+        config: a regime config, e.g. ``UnstructuredConfig(geometry="line")``.
+        filter_fn: ``(module, fqn) -> bool`` choosing the layers that compress; defaults to every
+            Conv2d/Linear except the first and the last.
+
+    Under ``geometry="line"`` every weight and bias of every Conv2d/Linear/norm layer becomes a
+    line (the dense stem and classifier too, SPEC §2). Build the optimizer *after* converting:
+    the parameters are new objects.
+
+    Example:
+        >>> import lcs
+        >>> sub = lcs.convert(lcs.models.create("cpreresnet20"), lcs.UnstructuredConfig())
+        >>> sub.set_alpha(0.1)
+        0.1
+    """
+    handler = _REGIME_HANDLERS.get(type(config))
+    if handler is None:
+        raise LcsError(f"no regime registered for {type(config).__name__}")
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise LcsError("model is already converted (it has parametrizations)")
+    state = SubspaceState(alpha=config.alpha_range[1], level=config.level_max)
+    lines: list[tuple[str, str]] = []
+    if config.geometry == "line":
+        for fqn, module in model.named_modules():
+            if not isinstance(module, LINEAR_TYPES + NORM_TYPES):
+                continue
+            for name in ("weight", "bias"):
+                if isinstance(getattr(module, name, None), nn.Parameter):
+                    init = _line_init(module, name, config.line_init)
+                    parametrize.register_parametrization(module, name, Line(state, init))
+                    lines.append((fqn, name))
+    chosen = filter_fn or default_filter(model)
+    compressed = []
+    for fqn, module in model.named_modules():
+        if isinstance(module, LINEAR_TYPES) and chosen(module, fqn):
+            handler(module, fqn, state, config)
+            compressed.append(fqn)
+    if not compressed:
+        raise LcsError("no layer was selected for compression: check filter_fn")
+    return Subspace(model, config, state, compressed, lines)

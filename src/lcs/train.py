@@ -1,0 +1,183 @@
+"""The one training loop, for every regime and method.
+
+Each step: ask the method's sampler for this step's α's, set each on the whole model (with the
+schedule's compression level), forward, sum the losses and the method's extra terms, one
+backward, one SGD step. Nothing in the loop depends on which method runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, save_config
+from .data import ImageData, eval_batches, num_batches, train_batches
+from .errors import LcsError
+from .methods import Method, build_method
+from .run import build_subspace, open_data, resolve_device
+from .subspace import Subspace
+
+__all__ = ["Trainer", "lr_at", "evaluate_accuracy"]
+
+_STEP_SEED = 1_000_003
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * peak * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: torch.nn.Module, data: ImageData, device: torch.device,
+                      batch_size: int = 256) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on the validation split."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    loss = 0.0
+    for x, y in eval_batches(data, "val", batch_size, device=device):
+        out = model(x)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        total += y.numel()
+    model.train(was_training)
+    return correct / max(total, 1), loss / max(total, 1)
+
+
+class Trainer:
+    """Train a compressible subspace described by ``cfg`` into ``out_dir``.
+
+    Args:
+        cfg: a validated Config.
+        out_dir: the run directory (config.yaml, metrics.jsonl, checkpoints/).
+        data: pre-loaded data (tests); by default loaded from the config.
+        resume: continue from the latest checkpoint in ``out_dir``.
+    """
+
+    def __init__(self, cfg: Config, out_dir: str | Path, *, data: ImageData | None = None, resume: bool = False):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.device = resolve_device(cfg.run.device)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.data = data if data is not None else open_data(cfg)
+        cfg.model.num_classes = cfg.model.num_classes or self.data.num_classes
+        if cfg.model.num_classes != self.data.num_classes:
+            raise LcsError(f"model.num_classes={cfg.model.num_classes} but the data has "
+                           f"{self.data.num_classes} classes")
+        torch.manual_seed(cfg.run.seed)
+        self.sub: Subspace = build_subspace(cfg)
+        self.model = self.sub.model.to(self.device)
+        self.steps_per_epoch = num_batches(len(self.data.train.labels), cfg.data.batch_size)
+        if self.steps_per_epoch == 0:
+            raise LcsError(f"batch_size={cfg.data.batch_size} is larger than the training set "
+                           f"({len(self.data.train.labels)} images)")
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.method: Method = build_method(cfg.method, cfg.method.regime, cfg.method.name, self.sub.config,
+                                           self.total_steps)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                   weight_decay=cfg.optim.weight_decay)
+        self.step = 0
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            state = load_checkpoint(latest_checkpoint(self.out), self.model, self.opt)
+            self.step = int(state["step"])
+            self._truncate_log(self.step)
+        save_config(cfg, self.out / "config.yaml")
+
+    # -- one step --------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, Any]:
+        """Forward/backward/update at the α's the method samples for ``step``; returns the terms."""
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * _STEP_SEED + step)
+        alphas = self.method.sampler(step, gen)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(step, self.total_steps, self.warmup_steps, self.cfg.optim.lr)
+        self.opt.zero_grad(set_to_none=True)
+        ce_sum = torch.zeros((), device=self.device)
+        correct = 0
+        levels = []
+        for a in alphas:
+            level = self.method.schedule(self.sub.config.level(a), step)
+            levels.append(self.sub.set_alpha(a, level))
+            out = self.model(x)
+            ce = F.cross_entropy(out, y, label_smoothing=self.cfg.optim.label_smoothing)
+            ce_sum = ce_sum + ce
+            correct += int((out.argmax(1) == y).sum())
+        terms = {name: w * fn(self.sub) for name, (w, fn) in self.method.terms.items()}
+        loss = ce_sum + sum(terms.values()) if terms else ce_sum
+        loss.backward()
+        self.opt.step()
+        return {"loss": float(loss), "ce": float(ce_sum) / len(alphas),
+                "acc": correct / (y.numel() * len(alphas)), "alphas": alphas, "levels": levels,
+                **{k: float(v) for k, v in terms.items()}}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self, stop_after_epoch: int | None = None) -> list[dict[str, Any]]:
+        """Train to ``optim.epochs`` (or stop after ``stop_after_epoch`` epochs, for time-boxed jobs);
+        returns the per-epoch records also appended to ``metrics.jsonl``."""
+        cfg = self.cfg
+        records = []
+        start_epoch, start_batch = divmod(self.step, self.steps_per_epoch)
+        last_epoch = cfg.optim.epochs if stop_after_epoch is None else min(cfg.optim.epochs, stop_after_epoch)
+        bar = None
+        if cfg.run.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, leave=True)
+        self.model.train()
+        for epoch in range(start_epoch, last_epoch):
+            t0, seen, loss_sum, acc_sum, n = time.perf_counter(), 0, 0.0, 0.0, 0
+            batches = train_batches(self.data, cfg.data.batch_size, epoch=epoch, seed=cfg.run.seed,
+                                    start_batch=start_batch if epoch == start_epoch else 0,
+                                    augment=cfg.data.augment, device=self.device)
+            for x, y in batches:
+                r = self.train_step(x, y, self.step)
+                self.step += 1
+                seen += y.numel() * len(r["alphas"])
+                loss_sum, acc_sum, n = loss_sum + r["loss"], acc_sum + r["acc"], n + 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{r['loss']:.3f}", acc=f"{r['acc']:.3f}",
+                                    alpha=",".join(f"{a:.2f}" for a in r["alphas"]))
+            elapsed = time.perf_counter() - t0
+            record = {"epoch": epoch + 1, "step": self.step, "lr": self.opt.param_groups[0]["lr"],
+                      "train_loss": loss_sum / max(n, 1), "train_acc": acc_sum / max(n, 1),
+                      "img_per_s": seen / max(elapsed, 1e-9), "epoch_seconds": elapsed}
+            lo, hi = self.sub.alpha_range
+            for tag, a in (("hi", hi), ("lo", lo)):
+                with self.sub.at(a):
+                    record[f"val_acc_{tag}"], record[f"val_loss_{tag}"] = evaluate_accuracy(
+                        self.model, self.data, self.device)
+            records.append(record)
+            if bar is not None:
+                bar.write(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {record['train_loss']:.3f}  "
+                          f"val acc α={hi:g}: {record['val_acc_hi']:.3f}  α={lo:g}: {record['val_acc_lo']:.3f}  "
+                          f"({record['img_per_s']:.0f} img/s)")
+            if (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch + 1 == last_epoch:
+                self._checkpoint(epoch + 1)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if bar is not None:
+            bar.close()
+        return records
+
+    def _checkpoint(self, epoch: int) -> None:
+        save_checkpoint(self.out, self.model, self.opt, {"epoch": epoch, "step": self.step},
+                        keep=self.cfg.run.keep_checkpoints)
+
+    def _truncate_log(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            path.write_text("".join(ln + "\n" for ln in kept))

@@ -1,0 +1,69 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lcs
+from lcs.artifact import artifact_bytes, pack_bits, read_metadata, unpack_bits
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 100, 1001])
+def test_pack_unpack_bits_round_trip(n):
+    mask = torch.rand(n) < 0.3
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    assert torch.equal(unpack_bits(packed, n), mask)
+
+
+def test_pack_bits_matches_numpy():
+    np = pytest.importorskip("numpy")
+    mask = torch.rand(77) < 0.5
+    assert torch.equal(pack_bits(mask), torch.from_numpy(np.packbits(mask.numpy())))
+
+
+def _sub():
+    torch.manual_seed(0)
+    return lcs.convert(lcs.models.create("cpreresnet20", num_classes=10), lcs.UnstructuredConfig())
+
+
+META = {"arch": {"name": "cpreresnet20", "kwargs": {"num_classes": 10, "norm": "gn"}}}
+
+
+def test_export_round_trip_equals_subspace(tmp_path):
+    sub = _sub()
+    sub.model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    for a in (0.05, 0.3, 1.0):
+        path = tmp_path / f"m{a}.safetensors"
+        lcs.save_compressed(lcs.materialize(sub, a), path, META)
+        loaded = lcs.load_compressed(path)
+        with sub.at(a), torch.no_grad():
+            assert torch.allclose(loaded(x), sub.model(x), atol=1e-5)
+
+
+def test_bytes_fall_with_alpha_and_90pct_is_under_quarter(tmp_path):
+    sub = _sub()
+    sizes = {a: artifact_bytes(lcs.materialize(sub, a), META) for a in (0.025, 0.1, 0.5, 1.0)}
+    assert sizes[0.025] < sizes[0.1] < sizes[0.5] < sizes[1.0]
+    dense = sum(t.numel() * t.element_size() for t in lcs.materialize(sub, 1.0).state_dict().values())
+    assert sizes[0.1] < 0.25 * dense
+    path = tmp_path / "a.safetensors"
+    assert lcs.save_compressed(lcs.materialize(sub, 0.1), path, META) == path.stat().st_size == sizes[0.1]
+
+
+def test_bad_artifacts_are_clear_errors(tmp_path):
+    with pytest.raises(lcs.LcsError, match="no such artifact"):
+        lcs.load_compressed(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01garbage" * 10)
+    with pytest.raises(lcs.LcsError, match="not a readable"):
+        lcs.load_compressed(junk)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(lcs.LcsError, match="not an lcs artifact"):
+        read_metadata(foreign)
+    good = tmp_path / "good.safetensors"
+    lcs.save_compressed(lcs.materialize(_sub(), 0.1), good, META)
+    truncated = tmp_path / "trunc.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(lcs.LcsError):
+        lcs.load_compressed(truncated)

@@ -1,0 +1,54 @@
+import pytest
+
+from lcs.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
+from lcs.errors import LcsError
+
+
+def test_defaults_validate_and_round_trip():
+    cfg = load_config()
+    again = config_from_dict(config_to_dict(cfg)).validate()
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(Config(), ["optim.lr=0.1", "optim.epochs=3", "data.augment=false", "method.target=none"])
+    assert cfg.optim.lr == 0.1 and cfg.optim.epochs == 3 and cfg.data.augment is False and cfg.method.target is None
+
+
+@pytest.mark.parametrize("pair, match", [
+    ("optim.lrr=0.1", "unknown config key 'optim.lrr'"),
+    ("optimizer.lr=0.1", "unknown config key"),
+    ("optim.epochs=abc", "not a valid int"),
+    ("optim.epochs=1.5", "not a valid int"),
+    ("lr", "key=value"),
+])
+def test_bad_overrides(pair, match):
+    with pytest.raises(LcsError, match=match):
+        apply_overrides(Config(), [pair])
+
+
+@pytest.mark.parametrize("pairs, match", [
+    (["method.d_min=0"], "d_min"),
+    (["method.d_min=1.5"], "d_min"),
+    (["method.name=nope"], "method.name"),
+    (["method.name=target"], "target level"),
+    (["method.name=target", "method.target=1.2"], "alpha"),
+    (["data.val_fraction=1"], "val_fraction"),
+    (["data.name=cifar10"], "needs a folder"),
+    (["optim.lr=-1"], "optim.lr"),
+    (["model.norm=ln"], "model.norm"),
+])
+def test_validation_errors(pairs, match):
+    with pytest.raises(LcsError, match=match):
+        load_config(None, pairs)
+
+
+def test_yaml_unknown_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 0.2\n  bogus: 1\n")
+    with pytest.raises(LcsError, match="optim.bogus"):
+        load_config(p)
+    p.write_text("optim:\n  lr: 0.2\n")
+    assert load_config(p).optim.lr == 0.2
+    with pytest.raises(LcsError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
