@@ -33,7 +33,8 @@ class SubspaceState:
 class Line(nn.Module):
     """θ(α) = (1−α)·θ₀ + α·θ₁ with θ₀ = the module's current tensor and θ₁ initialized by ``init``.
 
-    ``init``: ``"kaiming"`` (fresh Kaiming-normal draw, fan-out, as SPEC §2), ``"zeros"``,
+    ``init``: ``"matched"`` (a fresh normal draw with θ₀'s standard deviation: for Kaiming-normal
+    convs that is the SPEC's independent Kaiming init), ``"zeros"``,
     ``"half"`` (constant 0.5: norm scales of the second endpoint), or ``"copy"`` (θ₁ = θ₀).
     """
 
@@ -49,8 +50,14 @@ class Line(nn.Module):
         w0 = w.detach().clone()
         if self.init == "copy":
             w1 = w0.clone()
-        elif self.init == "kaiming":
-            w1 = nn.init.kaiming_normal_(torch.empty_like(w0), mode="fan_out", nonlinearity="relu")
+        elif self.init == "matched":
+            # An independent draw at the scale of θ₀: Kaiming fan-out for Kaiming-initialized convs
+            # (SPEC §2), and no oversized classifier when θ₀ was initialized small.
+            std = float(w0.std()) if w0.numel() > 1 else 0.0
+            if std > 0:
+                w1 = torch.randn_like(w0) * std
+            else:
+                w1 = nn.init.kaiming_normal_(torch.empty_like(w0), mode="fan_out", nonlinearity="relu")
         elif self.init == "zeros":
             w1 = torch.zeros_like(w0)
         elif self.init == "half":

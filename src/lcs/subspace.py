@@ -60,7 +60,7 @@ def _line_init(module: nn.Module, name: str, line_init: str) -> str:
         return "copy"
     if isinstance(module, NORM_TYPES):
         return "half" if name == "weight" else "zeros"
-    return "kaiming" if name == "weight" else "zeros"
+    return "matched" if name == "weight" else "zeros"
 
 
 class Subspace:

@@ -118,9 +118,9 @@ class Trainer:
         loss = ce_sum + sum(terms.values()) if terms else ce_sum
         loss.backward()
         self.opt.step()
-        return {"loss": float(loss), "ce": float(ce_sum) / len(alphas),
+        return {"loss": float(loss.detach()), "ce": float(ce_sum.detach()) / len(alphas),
                 "acc": correct / (y.numel() * len(alphas)), "alphas": alphas, "levels": levels,
-                **{k: float(v) for k, v in terms.items()}}
+                **{k: float(v.detach()) for k, v in terms.items()}}
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, stop_after_epoch: int | None = None) -> list[dict[str, Any]]:

@@ -72,6 +72,9 @@ class CPreResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        # The classifier is the network's fully connected layer: a small init keeps the first
+        # logits near zero (Kaiming fan-out with 10 outputs gives initial losses ~7 and stalls GN nets).
+        nn.init.normal_(self.classifier.weight, std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(x))
