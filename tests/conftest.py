@@ -6,7 +6,7 @@ from lcs.data import ImageData, Split, load_data
 
 @pytest.fixture(scope="session")
 def digits() -> ImageData:
-    return load_data("digits", val_fraction=0.1, seed=0)
+    return load_data("digits", val_fraction=0.1, seed=0, image_size=16)
 
 
 @pytest.fixture(scope="session")

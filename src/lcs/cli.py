@@ -28,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     for key, value in (("method.regime", args.regime), ("method.name", args.method), ("model.name", args.model),
                        ("data.name", args.data), ("data.root", args.data_root), ("optim.epochs", args.epochs),
-                       ("run.seed", args.seed)):
+                       ("run.seed", args.seed), ("data.val_fraction", args.val_fraction)):
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.no_progress:
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="a registered model name (default cpreresnet20)")
     t.add_argument("--data", help="digits | cifar10 | folder")
     t.add_argument("--data-root", help="dataset folder for cifar10/folder")
+    t.add_argument("--val-fraction", type=float, help="validation split carved from the training data")
     t.add_argument("--epochs", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--config", help="YAML file with sections data/model/method/optim/run")

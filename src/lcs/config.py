@@ -21,6 +21,8 @@ __all__ = ["Config", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig",
            "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "save_config"]
 
 DATASETS = ("digits", "cifar10", "folder")
+# digits are 8×8: 16×16 gives the network 4×4 maps before pooling at a quarter of the 32×32 cost.
+DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "folder": 32}
 REGIME_NORMS = {"unstructured": "gn"}
 
 
@@ -29,8 +31,8 @@ class DataConfig:
     name: str = "digits"  # digits (embedded) | cifar10 (python batches) | folder (root/<class>/*.jpg)
     root: str | None = None  # dataset folder (cifar10, folder)
     val_fraction: float = 0.1  # held out from the training data when there is no val split
-    image_size: int = 32  # images are resized to this square size
-    batch_size: int = 64  # global batch size
+    image_size: int | None = None  # square size images are resized to; None = the data's default (below)
+    batch_size: int = 32  # global batch size
     augment: bool = True  # random crop (pad = size/8) + flip where the data allows
     cache: bool = True  # cache decoded folders in $LCS_CACHE or ~/.cache/lcs (safetensors)
 
@@ -56,8 +58,8 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 15
-    lr: float = 0.05  # peak learning rate (SGD)
+    epochs: int = 30
+    lr: float = 0.1  # peak learning rate (SGD)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0  # linear LR warm-up, then cosine decay to 0
@@ -87,10 +89,6 @@ class Config:
         geometry = "line" if self.method.name == "lcs_l" else "point"
         return UnstructuredConfig(geometry=geometry, d_min=self.method.d_min, line_init=self.method.line_init)
 
-    @property
-    def norm(self) -> str:
-        return self.model.norm or REGIME_NORMS[self.method.regime]
-
     def validate(self) -> Config:
         from .methods import METHODS
 
@@ -100,6 +98,12 @@ class Config:
         if d.name != "digits" and not d.root:
             raise LcsError(f"data {d.name!r} needs a folder: --data-root PATH")
         _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "in (0, 1)")
+        if d.root:
+            d.root = os.path.abspath(os.path.expanduser(d.root))
+        if self.model.norm is None:
+            self.model.norm = REGIME_NORMS.get(m.regime)
+        if d.image_size is None:
+            d.image_size = DEFAULT_IMAGE_SIZE[d.name]
         _check(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
         _check(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
         _check(o.epochs >= 1, "optim.epochs", o.epochs, ">= 1")

@@ -31,7 +31,7 @@ def resolve_device(name: str) -> torch.device:
 
 def arch_meta(cfg: Config) -> dict:
     """How to rebuild the plain architecture by name (stored in exported artifacts)."""
-    return {"name": cfg.model.name, "kwargs": {"num_classes": cfg.model.num_classes, "norm": cfg.norm}}
+    return {"name": cfg.model.name, "kwargs": {"num_classes": cfg.model.num_classes, "norm": cfg.model.norm}}
 
 
 def build_subspace(cfg: Config) -> Subspace:
