@@ -104,19 +104,132 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .artifact import save_compressed
-    from .materialize import materialize
     from .run import arch_meta, load_run
 
     cfg, sub, _ = load_run(args.run)
+    meta = {"arch": arch_meta(cfg), "regime": cfg.method.regime, "method": cfg.method.name}
+    if args.subspace:
+        from .runtime import save_subspace
+
+        if args.alpha is not None or args.format != "safetensors":
+            raise LcsError("--subspace writes the whole subspace as safetensors: drop --alpha/--format")
+        shape = [3, cfg.data.image_size, cfg.data.image_size]
+        data_info = {k: getattr(cfg.data, k) for k in ("name", "root", "val_fraction", "image_size")}
+        size = save_subspace(sub, args.out, meta["arch"], {"method": cfg.method.name, "input_shape": shape,
+                                                            "data": {**data_info, "seed": cfg.run.seed}})
+        print(f"wrote {args.out}: {size:,} bytes, the whole {cfg.method.regime} subspace "
+              f"({sub.config.geometry}), α in [{sub.alpha_range[0]:g}, {sub.alpha_range[1]:g}]")
+        return 0
+    if args.alpha is None:
+        raise LcsError("export needs --alpha A (or --subspace for the whole subspace)")
+    from .materialize import materialize
+
     level = sub.set_alpha(args.alpha)
     plain = materialize(sub, args.alpha)
-    meta = {"arch": arch_meta(cfg), "regime": cfg.method.regime, "method": cfg.method.name,
-            "alpha": args.alpha, sub.config.level_name: level}
-    size = save_compressed(plain, args.out, meta)
     dense = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
-    print(f"wrote {args.out}: {size:,} bytes ({size / dense:.1%} of the dense float32 weights), "
+    if args.format == "onnx":
+        from .onnx_export import export_onnx
+
+        size = export_onnx(plain, args.out, (3, cfg.data.image_size, cfg.data.image_size))
+        note = " (ONNX stores unstructured zeros densely)"
+    else:
+        from .artifact import save_compressed
+
+        size = save_compressed(plain, args.out, {**meta, "alpha": args.alpha, sub.config.level_name: level})
+        note = ""
+    print(f"wrote {args.out}: {size:,} bytes ({size / dense:.1%} of the dense float32 weights{note}), "
           f"α={args.alpha:g}, {sub.config.level_name}={level:g}")
+    return 0
+
+
+_PROFILE_COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("switch_ms", "switch ms", "{:.2f}"),
+                    ("first_batch_ms", "1st batch ms", "{:.2f}")]
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .evaluate import DEFAULT_GRIDS
+    from .report import format_table, plot_profile
+    from .runtime import Runtime
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rt = Runtime.load(args.file)
+    batches = [int(b) for b in _floats(args.batch)]
+    if not batches or min(batches) < 1:
+        raise LcsError(f"--batch expects positive integers, got {args.batch!r}")
+    grid = _floats(args.grid) if args.grid else [a for a in DEFAULT_GRIDS.get(rt.regime, [1.0])
+                                                 if rt.alpha_range[0] <= a <= rt.alpha_range[1]]
+    shape = tuple(rt.header.get("input_shape", (3, 32, 32)))
+    data = None
+    if args.data:
+        from .data import load_data
+
+        info = rt.header.get("data", {})
+        data = load_data(args.data, args.data_root, val_fraction=info.get("val_fraction", 0.1),
+                         seed=info.get("seed", 0), image_size=shape[-1])
+    from .profile import profile_runtime
+
+    records = profile_runtime(rt, grid, batches, shape, data=data)
+    cols = list(_PROFILE_COLUMNS)
+    for b in batches:
+        cols += [(f"latency_ms_b{b}", f"b{b} ms", "{:.2f}"), (f"p90_ms_b{b}", f"b{b} p90", "{:.2f}")]
+    cols += [("nonzero_params", "nonzero", "{:,}"), ("macs", "MACs", "{:,}"), ("bytes", "bytes", "{:,}"),
+             ("accuracy", "accuracy", "{:.4f}")]
+    print(format_table(records, cols))
+    out = Path(args.json)
+    payload = {"file": str(args.file), "regime": rt.regime, "batches": batches, "threads": _threads(),
+               "records": records}
+    out.write_text(json.dumps(payload, indent=1))
+    lat, acc = out.with_name(out.stem + "_latency.png"), out.with_name(out.stem + "_accuracy.png")
+    plot_profile(records, batches, lat, acc if data is not None else None, title=f"{rt.regime}: latency vs α")
+    print(f"wrote {out}, {lat}" + (f", {acc}" if data is not None else ""))
+    if rt.regime == "unstructured":
+        print("note: unstructured sparsity runs on dense kernels here, so latency does not fall with α; "
+              "size and nonzero MACs do.")
+    return 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from .adapt import run_scenario
+    from .profile import profile_runtime
+    from .report import plot_adapt
+    from .runtime import Runtime
+
+    if args.budget_ms <= 0 or args.seconds <= 0 or not (0 <= args.load_at < args.seconds):
+        raise LcsError("need --budget-ms > 0, --seconds > 0 and 0 <= --load-at < --seconds")
+    rt = Runtime.load(args.file)
+    shape = tuple(rt.header.get("input_shape", (3, 32, 32)))
+    if args.profile:
+        try:
+            records = json.loads(Path(args.profile).read_text())["records"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise LcsError(f"cannot read profile {args.profile}: {e}") from None
+    else:
+        print("profiling (no --profile given) ...")
+        grid = sorted({rt.alpha_range[0], *[a for a in (0.1, 0.25, 0.5, 0.75) if rt.alpha_range[0] < a
+                                             < rt.alpha_range[1]], rt.alpha_range[1]})
+        records = profile_runtime(rt, grid, [args.batch], shape, repeats=10)
+    result = run_scenario(rt, records, args.budget_ms, args.seconds, args.load_at, args.batch, shape)
+    for name, s in result["summary"].items():
+        print(f"{name:>10}: {s['requests']} requests, {s['over_budget']:.1%} over the {args.budget_ms:g} ms budget "
+              f"({s['over_budget_under_load']:.1%} under load), mean α {s['mean_alpha']:.3f}")
+    infeasible = result["summary"]["controller"]["infeasible_requests"]
+    if infeasible:
+        print(f"note: for {infeasible} requests no α met the budget at the measured load "
+              f"(the controller served the most efficient α)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapt.json").write_text(json.dumps(result))
+    plot_adapt(result, out / "adapt.png")
+    print(f"wrote {out / 'adapt.json'} and {out / 'adapt.png'}")
     return 0
 
 
@@ -155,11 +268,33 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--x", default="sparsity", choices=["sparsity", "overall_sparsity", "bytes", "macs"])
     pl.set_defaults(fn=_cmd_plot)
 
-    x = sp.add_parser("export", help="write the compressed network at α as a standalone artifact")
+    x = sp.add_parser("export", help="write the compressed network at α (or the whole subspace)")
     x.add_argument("run")
-    x.add_argument("--alpha", type=float, required=True)
+    x.add_argument("--alpha", type=float)
+    x.add_argument("--subspace", action="store_true", help="write the whole subspace for lcs.Runtime")
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "onnx"])
     x.add_argument("--out", required=True)
     x.set_defaults(fn=_cmd_export)
+
+    pr = sp.add_parser("profile", help="measure latency, switch time, size (and accuracy) per α on this machine")
+    pr.add_argument("file", help="a subspace artifact (lcs export RUN --subspace)")
+    pr.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
+    pr.add_argument("--grid", help="comma-separated α values")
+    pr.add_argument("--data", help="measure accuracy on this data set too")
+    pr.add_argument("--data-root")
+    pr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    pr.add_argument("--json", required=True, help="output JSON; plots go next to it")
+    pr.set_defaults(fn=_cmd_profile)
+
+    ad = sp.add_parser("adapt", help="serve under a latency budget while a competing process starts")
+    ad.add_argument("file", help="a subspace artifact")
+    ad.add_argument("--budget-ms", type=float, required=True)
+    ad.add_argument("--seconds", type=float, default=20.0, help="length of each of the two runs")
+    ad.add_argument("--load-at", type=float, default=8.0, help="when the competitor starts")
+    ad.add_argument("--batch", type=int, default=1)
+    ad.add_argument("--profile", help="a profile JSON from lcs profile (default: a quick profile first)")
+    ad.add_argument("--out", default="runs/adapt", help="output folder for adapt.json and adapt.png")
+    ad.set_defaults(fn=_cmd_adapt)
     return p
 
 

@@ -5,17 +5,36 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .artifact import artifact_bytes
+from .data import eval_batches
 from .materialize import materialize
 from .stats import count_macs, count_params, sparsity
 from .subspace import Subspace
 
-__all__ = ["DEFAULT_GRIDS", "sweep", "evaluate_point"]
+__all__ = ["DEFAULT_GRIDS", "sweep", "evaluate_point", "evaluate_accuracy"]
 
 DEFAULT_GRIDS = {
     "unstructured": [0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0],
 }
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: torch.nn.Module, data, device: torch.device,
+                      batch_size: int = 256) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on the validation split."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    loss = 0.0
+    for x, y in eval_batches(data, "val", batch_size, device=device):
+        out = model(x)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        total += y.numel()
+    model.train(was_training)
+    return correct / max(total, 1), loss / max(total, 1)
 
 
 def evaluate_point(sub: Subspace, alpha: float, data, device: torch.device, meta: dict[str, Any]) -> dict[str, Any]:
@@ -23,8 +42,6 @@ def evaluate_point(sub: Subspace, alpha: float, data, device: torch.device, meta
 
     Accuracy is computed on that plain model, so it is the accuracy of what ``lcs export`` ships.
     """
-    from .train import evaluate_accuracy
-
     level = sub.set_alpha(alpha)
     plain = materialize(sub, alpha).to(device)
     acc, loss = evaluate_accuracy(plain, data, device)

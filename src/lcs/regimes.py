@@ -6,13 +6,15 @@ A regime is a small frozen dataclass; ``lcs.convert`` dispatches on its type (se
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 from .errors import LcsError
 
-__all__ = ["RegimeConfig", "UnstructuredConfig", "GEOMETRIES", "check_alpha"]
+__all__ = ["RegimeConfig", "UnstructuredConfig", "GEOMETRIES", "REGIMES", "check_alpha", "regime_to_dict",
+           "regime_from_dict"]
 
 GEOMETRIES = ("line", "point")
 
@@ -23,7 +25,9 @@ def check_alpha(alpha: float, lo: float = 0.0, hi: float = 1.0) -> float:
         a = float(alpha)
     except (TypeError, ValueError):
         raise LcsError(f"alpha must be a number, got {alpha!r}") from None
-    if math.isnan(a) or not (lo - 1e-9 <= a <= hi + 1e-9):
+    if math.isnan(a):
+        raise LcsError(f"alpha must be a number in [{lo:g}, {hi:g}], got NaN")
+    if not (lo - 1e-9 <= a <= hi + 1e-9):
         raise LcsError(f"alpha={alpha} is outside the subspace's range [{lo:g}, {hi:g}]")
     return min(max(a, lo), hi)
 
@@ -94,3 +98,25 @@ class UnstructuredConfig(RegimeConfig):
 
     def level(self, alpha: float) -> float:
         return check_alpha(alpha, *self.alpha_range)
+
+
+REGIMES: dict[str, type[RegimeConfig]] = {"unstructured": UnstructuredConfig}
+
+
+def regime_to_dict(config: RegimeConfig) -> dict:
+    """JSON-ready description of a regime config (stored in artifacts)."""
+    return {"regime": config.regime, **dataclasses.asdict(config)}
+
+
+def regime_from_dict(raw: dict) -> RegimeConfig:
+    """Inverse of ``regime_to_dict``, accepting only known regimes and fields."""
+    raw = dict(raw)
+    name = raw.pop("regime", None)
+    if name not in REGIMES:
+        raise LcsError(f"unknown regime {name!r} in artifact; known: {', '.join(REGIMES)}")
+    cls = REGIMES[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - fields
+    if unknown:
+        raise LcsError(f"unknown {name} regime fields in artifact: {', '.join(sorted(unknown))}")
+    return cls(**raw)

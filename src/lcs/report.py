@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["format_table", "plot_runs"]
+__all__ = ["format_table", "plot_runs", "plot_profile", "plot_adapt"]
 
 _COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("accuracy", "accuracy", "{:.4f}"),
             ("loss", "loss", "{:.3f}"), ("sparsity", "sparsity", "{:.3f}"),
@@ -14,9 +14,9 @@ _COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("accur
             ("macs", "MACs", "{:,}"), ("bytes", "bytes", "{:,}")]
 
 
-def format_table(records: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width table of the columns present in ``records``."""
-    cols = [c for c in _COLUMNS if records and c[0] in records[0]]
+def format_table(records: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] | None = None) -> str:
+    """A fixed-width table of the (key, title, format) columns present in ``records``."""
+    cols = [c for c in (columns or _COLUMNS) if records and c[0] in records[0]]
     rows = [[fmt.format(r[key]) for key, _, fmt in cols] for r in records]
     widths = [max(len(title), *(len(row[i]) for row in rows)) for i, (_, title, _) in enumerate(cols)]
     lines = ["  ".join(title.rjust(w) for (_, title, _), w in zip(cols, widths, strict=True))]
@@ -42,6 +42,69 @@ def plot_runs(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str | 
     ax.grid(alpha=0.3)
     ax.set_title(title or "accuracy vs compression")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_profile(records: Sequence[dict[str, Any]], batches: Sequence[int], path_latency: str | os.PathLike,
+                 path_accuracy: str | os.PathLike | None = None, title: str = "") -> None:
+    """Latency (median, p90 as error bar) vs α per batch size; accuracy vs latency when measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.6), dpi=120, squeeze=False)
+    alphas = [r["alpha"] for r in records]
+    for ax, b in zip(axes[0], batches, strict=True):
+        med = [r[f"latency_ms_b{b}"] for r in records]
+        p90 = [r[f"p90_ms_b{b}"] for r in records]
+        ax.errorbar(alphas, med, yerr=[[0] * len(med), [p - m for p, m in zip(p90, med, strict=True)]],
+                    marker="o", ms=4, capsize=3)
+        ax.set_xlabel("α")
+        ax.set_ylabel(f"latency at batch {b} (ms)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "latency vs α (median, p90)")
+    fig.tight_layout()
+    fig.savefig(path_latency)
+    plt.close(fig)
+    if path_accuracy is not None and records and "accuracy" in records[0]:
+        fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=120)
+        for b in batches:
+            ax.plot([r[f"latency_ms_b{b}"] for r in records], [r["accuracy"] for r in records], marker="o",
+                    label=f"batch {b}")
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path_accuracy)
+        plt.close(fig)
+
+
+def plot_adapt(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """α and latency over time, controller vs fixed α, with the budget and the load start."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_a, ax_l) = plt.subplots(2, 1, figsize=(7.5, 5.2), dpi=120, sharex=True)
+    for name, trace in result["traces"].items():
+        t = [r["t"] for r in trace]
+        ax_a.step(t, [r["alpha"] for r in trace], where="post", label=name)
+        ax_l.plot(t, [r["latency_ms"] for r in trace], lw=0.8, label=name)
+    for ax in (ax_a, ax_l):
+        ax.axvline(result["load_at"], color="gray", ls=":", lw=1)
+        ax.grid(alpha=0.3)
+    ax_l.axhline(result["budget_ms"], color="red", ls="--", lw=1, label="budget")
+    ax_a.set_ylabel("α")
+    ax_l.set_ylabel("latency (ms)")
+    ax_l.set_xlabel("seconds (competing process starts at the dotted line)")
+    ax_a.legend(loc="lower left")
+    ax_l.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

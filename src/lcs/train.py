@@ -18,13 +18,14 @@ import torch.nn.functional as F
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, save_config
-from .data import ImageData, eval_batches, num_batches, train_batches
+from .data import ImageData, num_batches, train_batches
 from .errors import LcsError
+from .evaluate import evaluate_accuracy
 from .methods import Method, build_method
 from .run import build_subspace, open_data, resolve_device
 from .subspace import Subspace
 
-__all__ = ["Trainer", "lr_at", "evaluate_accuracy"]
+__all__ = ["Trainer", "lr_at"]
 
 _STEP_SEED = 1_000_003
 
@@ -35,23 +36,6 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * peak * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-@torch.no_grad()
-def evaluate_accuracy(model: torch.nn.Module, data: ImageData, device: torch.device,
-                      batch_size: int = 256) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on the validation split."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    loss = 0.0
-    for x, y in eval_batches(data, "val", batch_size, device=device):
-        out = model(x)
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        total += y.numel()
-    model.train(was_training)
-    return correct / max(total, 1), loss / max(total, 1)
 
 
 class Trainer:

@@ -1,0 +1,82 @@
+"""Measure what each α costs on the machine this runs on: latency, switch time, size, MACs,
+and (given data) accuracy. The controller (``lcs.controller``) starts from these numbers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .artifact import artifact_bytes
+from .runtime import Runtime
+from .stats import count_macs, count_params
+
+__all__ = ["measure_latency", "profile_runtime", "DEFAULT_PROFILE_GRID"]
+
+DEFAULT_PROFILE_GRID = {"unstructured": [0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0]}
+
+
+@torch.no_grad()
+def measure_latency(fn, x: torch.Tensor, *, warmup: int = 3, repeats: int = 20,
+                    max_seconds: float = 5.0) -> list[float]:
+    """Wall-clock milliseconds of ``fn(x)`` after ``warmup`` untimed calls (at most ``max_seconds``)."""
+    for _ in range(warmup):
+        fn(x)
+    times: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _p90(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+def profile_runtime(rt: Runtime, grid: Sequence[float], batches: Sequence[int], input_shape: tuple[int, int, int],
+                    *, data=None, repeats: int = 20, progress=None) -> list[dict[str, Any]]:
+    """One record per α: ``switch_ms`` (median of 3 switches into α), ``first_batch_ms`` (the
+    first forward after a switch, batch ``batches[0]``), ``latency_ms_b{B}`` / ``p90_ms_b{B}`` per
+    batch size, ``params``, ``nonzero_params``, ``macs``, ``bytes`` and, with data, ``accuracy``."""
+    records = []
+    lo, hi = rt.alpha_range
+    for alpha in grid:
+        rec: dict[str, Any] = {"alpha": alpha}
+        other = hi if alpha != hi else lo
+        switches, firsts = [], []
+        x0 = torch.randn(batches[0], *input_shape)
+        for _ in range(3):
+            rt.set_alpha(other)
+            rt(x0)
+            t0 = time.perf_counter()
+            rec[rt.level_name] = rt.set_alpha(alpha)
+            switches.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            rt(x0)
+            firsts.append((time.perf_counter() - t0) * 1e3)
+        rec["switch_ms"] = statistics.median(switches)
+        rec["first_batch_ms"] = statistics.median(firsts)
+        for b in batches:
+            reps = repeats if b <= 8 else max(5, repeats // 4)  # big batches: fewer, longer runs
+            times = measure_latency(rt, torch.randn(b, *input_shape), repeats=reps)
+            rec[f"latency_ms_b{b}"] = statistics.median(times)
+            rec[f"p90_ms_b{b}"] = _p90(times)
+        net = rt.network
+        rec["params"], rec["nonzero_params"] = count_params(net)
+        rec["macs"], rec["dense_macs"] = count_macs(net, input_shape)
+        rec["bytes"] = artifact_bytes(net)
+        if data is not None:
+            from .evaluate import evaluate_accuracy
+
+            rec["accuracy"], rec["loss"] = evaluate_accuracy(net, data, torch.device("cpu"))
+        records.append(rec)
+        if progress is not None:
+            progress(rec)
+    return records

@@ -1,0 +1,175 @@
+"""Deploy side: one artifact holding the whole subspace, and a runtime that moves along it.
+
+``save_subspace`` writes the trained subspace (both endpoints for a line, one weight set for a
+point) plus its architecture and regime as JSON metadata into one safetensors file.
+``Runtime.load`` reads it back and ``Runtime.set_alpha`` builds the plain compressed network at α
+*once*, aside, and swaps it in with a single reference assignment: a thread running inference
+keeps the network it started with, so no request ever mixes two α.
+
+Imports only torch, safetensors, the standard library and lcs's own torch-only modules (no
+training code, no tqdm, matplotlib, yaml or scikit-learn); a test checks ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .artifact import read_metadata
+from .errors import LcsError
+from .materialize import strip_parametrizations
+from .regimes import regime_from_dict, regime_to_dict
+from .subspace import Subspace, convert
+
+__all__ = ["SUBSPACE_FORMAT", "save_subspace", "load_subspace", "Runtime"]
+
+SUBSPACE_FORMAT = "lcs.subspace"
+
+
+def save_subspace(sub: Subspace, path: str | os.PathLike, arch: dict[str, Any],
+                  extra: dict[str, Any] | None = None) -> int:
+    """Write the whole subspace to one safetensors file, atomically; returns its size in bytes.
+
+    ``arch`` names the plain architecture (``{"name": ..., "kwargs": {...}}``) so that the file
+    can be served without the code that trained it.
+    """
+    import json
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sub.model.state_dict().items()}
+    header = {"format": SUBSPACE_FORMAT, "version": 1, "arch": arch, "regime": regime_to_dict(sub.config),
+              "alpha_range": list(sub.alpha_range), "compressed": list(sub.compressed), **(extra or {})}
+    data = st_save(tensors, {"lcs": json.dumps(header)})
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return len(data)
+
+
+def load_subspace(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[Subspace, dict[str, Any]]:
+    """The Subspace stored in a subspace artifact, in eval mode, and the artifact's metadata."""
+    path = os.fspath(path)
+    header = read_metadata(path)
+    if header.get("format") != SUBSPACE_FORMAT:
+        raise LcsError(f"{path} holds {header.get('format')!r}, not a subspace (export it with "
+                       f"`lcs export RUN --subspace`)")
+    try:
+        config = regime_from_dict(header["regime"])
+        compressed = set(header["compressed"])
+        if model is None:
+            from . import models
+
+            model = models.create(header["arch"]["name"], **header["arch"].get("kwargs", {}))
+    except (KeyError, TypeError) as e:
+        raise LcsError(f"{path}: incomplete subspace metadata ({e})") from None
+    sub = convert(model, config, filter_fn=lambda m, fqn: fqn in compressed)
+    try:
+        with safe_open(path, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise LcsError(f"{path}: corrupted subspace artifact ({e})") from None
+    try:
+        sub.model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise LcsError(f"{path} does not match its architecture: {str(e).splitlines()[0]}") from None
+    sub.model.eval()
+    return sub, header
+
+
+def _share_structure(module: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every tensor: new module objects and new parameter
+    dicts, so parameters can be replaced in the copy without touching the original. Costs
+    microseconds per module, unlike ``copy.deepcopy``."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {k: _share_structure(v) if v is not None else None for k, v in module._modules.items()}
+    return new
+
+
+class Runtime:
+    """Serve a subspace: ``rt = Runtime.load(FILE); rt.set_alpha(0.1); y = rt(x)``.
+
+    ``set_alpha`` validates α against the trained range, computes the compressed weights at α
+    once and swaps in a plain network, so every later forward runs at the speed of a plain
+    network at that α. Switches are serialized by a lock; inference never waits for one.
+    """
+
+    def __init__(self, sub: Subspace, header: dict[str, Any]):
+        self._sub = sub
+        self.header = header
+        self._lock = threading.Lock()
+        self._template = strip_parametrizations(copy.deepcopy(sub.model)).eval()
+        for p in self._template.parameters():
+            p.requires_grad_(False)
+        self._baked = [(fqn, name) for fqn, m in sub.model.named_modules() if hasattr(m, "parametrizations")
+                       for name in m.parametrizations.keys()]
+        self._current: tuple[float, float, nn.Module] = (float("nan"), float("nan"), self._template)
+        self.last_switch_ms = 0.0
+        self.set_alpha(self.alpha_range[1])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Runtime:
+        """Load a subspace artifact (``lcs export RUN --subspace``)."""
+        return cls(*load_subspace(path, model))
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def alpha(self) -> float:
+        return self._current[0]
+
+    @property
+    def level(self) -> float:
+        """The realized compression level at the current α (density, width or bits)."""
+        return self._current[1]
+
+    @property
+    def network(self) -> nn.Module:
+        """The plain network currently served."""
+        return self._current[2]
+
+    @property
+    def alpha_range(self) -> tuple[float, float]:
+        lo, hi = self.header["alpha_range"]
+        return float(lo), float(hi)
+
+    @property
+    def level_name(self) -> str:
+        return self._sub.config.level_name
+
+    @property
+    def regime(self) -> str:
+        return self._sub.config.regime
+
+    # -- switching and inference ------------------------------------------------------------------
+    @torch.no_grad()
+    def set_alpha(self, alpha: float) -> float:
+        """Move to α; returns the realized level. Raises ValueError outside the trained range."""
+        with self._lock:
+            t0 = time.perf_counter()
+            level = self._sub.set_alpha(alpha)
+            net = _share_structure(self._template)
+            modules = dict(net.named_modules())
+            source = self._sub.model
+            for fqn, name in self._baked:
+                value = getattr(source.get_submodule(fqn), name)
+                modules[fqn]._parameters[name] = nn.Parameter(value, requires_grad=False)
+            self._current = (self._sub.alpha, level, net)  # one assignment: readers see old or new
+            self.last_switch_ms = (time.perf_counter() - t0) * 1e3
+            return level
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._current[2](x)
+
+    def __repr__(self) -> str:
+        return (f"Runtime({self.regime}, geometry={self._sub.config.geometry}, alpha={self.alpha:g}, "
+                f"{self.level_name}={self.level:g}, range={self.alpha_range})")

@@ -1,0 +1,120 @@
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import lcs
+from lcs.runtime import Runtime, save_subspace
+
+ARCH = {"name": "cpreresnet20", "kwargs": {"num_classes": 10, "norm": "gn"}}
+
+
+def _dense_bytes() -> int:
+    return sum(t.numel() * t.element_size() for t in lcs.models.create("cpreresnet20").state_dict().values())
+
+
+@pytest.fixture(scope="module", params=["line", "point"])
+def artifact(request, tmp_path_factory):
+    torch.manual_seed(0)
+    sub = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10), lcs.UnstructuredConfig(geometry=request.param))
+    sub.model.eval()
+    path = tmp_path_factory.mktemp("rt") / f"{request.param}.safetensors"
+    size = save_subspace(sub, path, ARCH)
+    return request.param, sub, path, size
+
+
+def test_subspace_artifact_size(artifact):
+    geometry, _, path, size = artifact
+    assert path.stat().st_size == size
+    limit = 2.05 if geometry == "line" else 1.05
+    assert size <= limit * _dense_bytes()
+
+
+def test_runtime_outputs_equal_training_side(artifact):
+    _, sub, path, _ = artifact
+    rt = Runtime.load(path)
+    assert rt.alpha_range == (0.025, 1.0)
+    x = torch.randn(3, 3, 32, 32)
+    outs = []
+    for a in (0.025, 0.1, 0.37, 1.0):
+        assert rt.set_alpha(a) == pytest.approx(a)
+        assert rt.alpha == a and rt.level == pytest.approx(a)
+        with sub.at(a), torch.no_grad():
+            ref = sub.model(x)
+        y = rt(x)
+        assert torch.allclose(y, ref, atol=1e-5)
+        outs.append(y)
+    assert not torch.allclose(outs[0], outs[-1])  # switching really changes the network
+    assert not any(hasattr(m, "parametrizations") for m in rt.network.modules())
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, 0.0, float("nan")])
+def test_runtime_rejects_alpha_outside_range(artifact, bad):
+    rt = Runtime.load(artifact[2])
+    with pytest.raises(ValueError, match=r"alpha.*\[0.025, 1\]"):
+        rt.set_alpha(bad)
+    assert rt.alpha == 1.0  # unchanged
+
+
+def test_switch_never_mixes_two_alphas(artifact):
+    """A reader thread checks every output against the two legal networks while the main thread
+    switches back and forth; a half-switched network would match neither."""
+    _, sub, path, _ = artifact
+    rt = Runtime.load(path)
+    x = torch.randn(1, 3, 32, 32)
+    refs = {}
+    for a in (0.05, 1.0):
+        with sub.at(a), torch.no_grad():
+            refs[a] = sub.model(x)
+    errors, done, seen = [], threading.Event(), set()
+
+    def reader():
+        while not done.is_set():
+            y = rt(x)
+            match = [a for a, r in refs.items() if torch.allclose(y, r, atol=1e-5)]
+            if len(match) != 1:
+                errors.append(y)
+            else:
+                seen.add(match[0])
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(30):
+            rt.set_alpha(0.05 if i % 2 == 0 else 1.0)
+    finally:
+        done.set()
+        t.join()
+    assert not errors
+    assert seen == {0.05, 1.0}
+
+
+def test_runtime_imports_no_training_code(tmp_path, artifact):
+    # torch itself may import some of these (tqdm): only what lcs adds on top counts.
+    code = (
+        "import sys, torch, safetensors.torch\n"
+        "before = set(sys.modules)\n"
+        "from lcs.runtime import Runtime\n"
+        f"rt = Runtime.load({str(artifact[2])!r}); rt.set_alpha(0.1); rt(torch.zeros(1, 3, 32, 32))\n"
+        "bad = [m for m in ('lcs.train', 'lcs.config', 'lcs.data', 'lcs.methods', 'lcs.report', 'lcs.cli', 'tqdm',"
+        " 'matplotlib', 'yaml', 'sklearn', 'PIL') if m in set(sys.modules) - before]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().replace("'", '"')) == []
+
+
+def test_bad_files(tmp_path, artifact):
+    with pytest.raises(lcs.LcsError, match="no such artifact"):
+        Runtime.load(tmp_path / "nope.safetensors")
+    trunc = tmp_path / "t.safetensors"
+    trunc.write_bytes(artifact[2].read_bytes()[:5000])
+    with pytest.raises(lcs.LcsError):
+        Runtime.load(trunc)
+    single = tmp_path / "single.safetensors"
+    lcs.save_compressed(lcs.materialize(artifact[1], 0.5), single, {"arch": ARCH})
+    with pytest.raises(lcs.LcsError, match="not a subspace"):
+        Runtime.load(single)
