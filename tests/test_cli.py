@@ -82,3 +82,52 @@ def test_corrupted_checkpoint_one_line(run_dir, tmp_path, capsys):
     (ckpt / "weights.safetensors").write_bytes(b"not a safetensors file")
     _one_line_error(capsys, ["eval", str(copy)], "corrupted")
     _one_line_error(capsys, ["train", "--out", str(copy), "--resume", *FAST], "corrupted")
+
+
+def test_subspace_export_profile_and_adapt(run_dir, tmp_path, capsys):
+    sub_path = tmp_path / "sub.safetensors"
+    assert main(["export", str(run_dir), "--subspace", "--out", str(sub_path)]) == 0
+    prof = tmp_path / "prof" / "p.json"
+    prof.parent.mkdir()
+    assert main(["profile", str(sub_path), "--grid", "0.1,1.0", "--batch", "1,4", "--data", "digits",
+                 "--json", str(prof)]) == 0
+    out = capsys.readouterr().out
+    assert "switch ms" in out and "dense kernels" in out
+    records = json.loads(prof.read_text())["records"]
+    assert [r["alpha"] for r in records] == [0.1, 1.0]
+    for r in records:
+        for key in ("switch_ms", "first_batch_ms", "latency_ms_b1", "p90_ms_b1", "latency_ms_b4", "bytes", "macs",
+                    "params", "accuracy"):
+            assert key in r and r[key] >= 0, key
+        assert r["p90_ms_b1"] >= r["latency_ms_b1"]
+    assert records[0]["bytes"] < records[1]["bytes"]
+    assert (prof.parent / "p_latency.png").is_file() and (prof.parent / "p_accuracy.png").is_file()
+    adapt_dir = tmp_path / "adapt"
+    assert main(["adapt", str(sub_path), "--budget-ms", "500", "--seconds", "1.5", "--load-at", "0.5",
+                 "--profile", str(prof), "--out", str(adapt_dir)]) == 0
+    result = json.loads((adapt_dir / "adapt.json").read_text())
+    assert set(result["summary"]) == {"controller", "fixed"}
+    assert result["summary"]["controller"]["requests"] > 0
+    assert any(r["loaded"] for r in result["traces"]["controller"])
+    assert (adapt_dir / "adapt.png").is_file()
+
+
+def test_onnx_export_matches_pytorch(run_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from lcs.onnx_export import run_onnx
+
+    path = tmp_path / "net.onnx"
+    assert main(["export", str(run_dir), "--alpha", "0.05", "--format", "onnx", "--out", str(path)]) == 0
+    _, sub, _ = load_run(run_dir)
+    x = torch.randn(3, 3, 16, 16)
+    with sub.at(0.05), torch.no_grad():
+        assert torch.allclose(run_onnx(path, x), sub.model(x), atol=1e-4)
+
+
+def test_deploy_errors_are_one_line(run_dir, tmp_path, capsys):
+    _one_line_error(capsys, ["profile", str(tmp_path / "none.safetensors"), "--json", str(tmp_path / "p.json")],
+                    "no such artifact")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"garbage" * 100)
+    _one_line_error(capsys, ["adapt", str(junk), "--budget-ms", "5"], "not a readable")
+    _one_line_error(capsys, ["export", str(run_dir), "--out", str(tmp_path / "x")], "--alpha")

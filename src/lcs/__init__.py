@@ -15,13 +15,16 @@ The names below import only torch and safetensors; training, evaluation and plot
 
 from . import models
 from .artifact import load_compressed, save_compressed
+from .controller import BudgetController
 from .errors import LcsError
 from .materialize import materialize
 from .regimes import UnstructuredConfig
+from .runtime import Runtime, load_subspace, save_subspace
 from .subspace import Subspace, convert
 
 __all__ = ["models", "convert", "Subspace", "UnstructuredConfig", "materialize", "save_compressed",
-           "load_compressed", "LcsError", "Trainer", "load_config", "Config"]
+           "load_compressed", "Runtime", "save_subspace", "load_subspace", "BudgetController", "LcsError",
+           "Trainer", "load_config", "Config"]
 __version__ = "0.1.0"
 
 

@@ -1,0 +1,74 @@
+"""Time of ``Runtime.set_alpha`` on cPreResNet20, per regime and geometry, and the first batch after
+a switch vs the steady state, measured in one run. Targets (issue 7): switch ≤ 10 ms on a 2-core
+CPU; first batch after a switch ≤ 1.2× steady state.
+
+    python benchmarks/switch.py [--repeats 15] [--batch 1] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import lcs
+from lcs.regimes import REGIMES
+from lcs.runtime import Runtime, save_subspace
+
+ALPHAS = {"unstructured": [0.025, 0.1, 0.5, 1.0]}
+
+
+def bench(regime: str, geometry: str, repeats: int, batch: int, tmp: str) -> dict:
+    torch.manual_seed(0)
+    sub = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10), REGIMES[regime](geometry=geometry))
+    path = Path(tmp) / f"{regime}-{geometry}.safetensors"
+    save_subspace(sub, path, {"name": "cpreresnet20", "kwargs": {"num_classes": 10}})
+    rt = Runtime.load(path)
+    x = torch.randn(batch, 3, 32, 32)
+    alphas = ALPHAS[regime]
+    switch, first, steady = [], [], []
+    for i in range(repeats):
+        a = alphas[i % len(alphas)]
+        rt(x)  # the previous network is warm
+        t0 = time.perf_counter()
+        rt.set_alpha(a)
+        switch.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        rt(x)
+        first.append((time.perf_counter() - t0) * 1e3)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            rt(x)
+            steady.append((time.perf_counter() - t0) * 1e3)
+    med = statistics.median
+    return {"regime": regime, "geometry": geometry, "switch_ms_median": med(switch), "switch_ms_max": max(switch),
+            "first_batch_ms": med(first), "steady_ms": med(steady), "first_over_steady": med(first) / med(steady)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--json", default="benchmarks/results/switch.json")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [bench(r, g, args.repeats, args.batch, tmp) for r in REGIMES for g in ("line", "point")]
+    print(f"{'regime':<14}{'geometry':<10}{'switch ms':>10}{'max':>8}{'1st batch':>11}{'steady':>9}{'ratio':>7}")
+    for r in rows:
+        print(f"{r['regime']:<14}{r['geometry']:<10}{r['switch_ms_median']:>10.2f}{r['switch_ms_max']:>8.2f}"
+              f"{r['first_batch_ms']:>11.2f}{r['steady_ms']:>9.2f}{r['first_over_steady']:>7.2f}")
+    result = {"benchmark": "switch", "model": "cpreresnet20", "batch": args.batch, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "machine": platform.machine(), "rows": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

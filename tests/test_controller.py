@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from lcs.controller import BudgetController
+
+PROFILE = [{"alpha": 0.025, "latency_ms_b1": 2.0}, {"alpha": 0.5, "latency_ms_b1": 6.0},
+           {"alpha": 1.0, "latency_ms_b1": 10.0}]
+
+
+class FakeRuntime:
+    """Latency = profile × load, without timing: the policy is tested, not the clock."""
+
+    alpha_range = (0.025, 1.0)
+
+    def __init__(self):
+        self.alpha = 1.0
+        self.switches = 0
+
+    def set_alpha(self, a):
+        self.alpha = a
+        self.switches += 1
+        return a
+
+    def __call__(self, x):
+        return x
+
+
+def _drive(ctl, rt, loads):
+    alphas = []
+    for load in loads:
+        a = ctl.choose()
+        if a != rt.alpha:
+            rt.set_alpha(a)
+            ctl._since_switch = 0
+        else:
+            ctl._since_switch += 1
+        ctl.observe(a, ctl.profiled_ms(a) * load)
+        alphas.append(a)
+    return alphas
+
+
+def test_picks_largest_alpha_that_fits_and_follows_load():
+    rt = FakeRuntime()
+    ctl = BudgetController(rt, PROFILE, budget_ms=8.0)
+    assert ctl.choose() == 0.5  # 10 ms > 8, 6 ms fits
+    alphas = _drive(ctl, rt, [1.0] * 10 + [3.0] * 15 + [1.0] * 30)
+    assert alphas[5] == 0.5
+    assert alphas[24] == 0.025  # under 3x load only the efficient end fits (6 ms)
+    assert alphas[-1] == 0.5  # back up once the load is gone
+    assert ctl.load_factor == pytest.approx(1.0, abs=0.05)
+
+
+def test_no_oscillation_at_the_boundary():
+    rt = FakeRuntime()
+    ctl = BudgetController(rt, PROFILE, budget_ms=6.3, margin=0.15, dwell=3)
+    # measured latencies jitter ±4 % around the profile: 0.5 sits right at the budget's edge
+    loads = [1.04 if i % 2 else 0.96 for i in range(60)]
+    _drive(ctl, rt, loads)
+    assert rt.switches <= 3
+
+
+def test_infeasible_budget_is_reported():
+    rt = FakeRuntime()
+    ctl = BudgetController(rt, PROFILE, budget_ms=1.0)
+    assert ctl.choose() == 0.025 and ctl.feasible is False
+
+
+def test_interpolates_between_profile_points():
+    ctl = BudgetController(FakeRuntime(), PROFILE, budget_ms=8.0)
+    assert ctl.profiled_ms(0.75) == pytest.approx(8.0)
+    assert ctl.profiled_ms(0.0) == 2.0
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="budget_ms"):
+        BudgetController(FakeRuntime(), PROFILE, budget_ms=0)
+    with pytest.raises(ValueError, match="latency_ms_b64"):
+        BudgetController(FakeRuntime(), PROFILE, budget_ms=5, batch=64)
+
+
+def test_call_runs_and_reports(tmp_path):
+    import lcs
+    from lcs.runtime import Runtime, save_subspace
+
+    sub = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10), lcs.UnstructuredConfig())
+    path = tmp_path / "s.safetensors"
+    save_subspace(sub, path, {"name": "cpreresnet20", "kwargs": {"num_classes": 10}})
+    rt = Runtime.load(path)
+    ctl = BudgetController(rt, PROFILE, budget_ms=8.0)
+    y, d = ctl(torch.randn(1, 3, 32, 32))
+    assert y.shape == (1, 10) and d.alpha == 0.5 == rt.alpha and d.latency_ms > 0
