@@ -50,7 +50,8 @@ def main() -> None:
     budget = args.budget_factor * unloaded
     result = run_scenario(rt, profile, budget, args.seconds, args.load_at, args.batch, shape)
     s = result["summary"]
-    print(f"regime {rt.regime}, budget {budget:.2f} ms (= {args.budget_factor} × {unloaded:.2f} ms unloaded at α={hi:g})")
+    print(f"regime {rt.regime}, budget {budget:.2f} ms "
+          f"(= {args.budget_factor} × {unloaded:.2f} ms unloaded at α={hi:g})")
     for name in ("controller", "fixed"):
         print(f"{name:>10}: {s[name]['over_budget']:.1%} over budget overall, "
               f"{s[name]['over_budget_under_load']:.1%} under load, mean α {s[name]['mean_alpha']:.3f}")
