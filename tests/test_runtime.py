@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -69,7 +70,7 @@ def test_switch_never_mixes_two_alphas(artifact):
     for a in (0.05, 1.0):
         with sub.at(a), torch.no_grad():
             refs[a] = sub.model(x)
-    errors, done, seen = [], threading.Event(), set()
+    errors, done, seen, count = [], threading.Event(), set(), [0]
 
     def reader():
         while not done.is_set():
@@ -79,12 +80,18 @@ def test_switch_never_mixes_two_alphas(artifact):
                 errors.append(y)
             else:
                 seen.add(match[0])
+            count[0] += 1
 
     t = threading.Thread(target=reader)
     t.start()
     try:
         for i in range(30):
             rt.set_alpha(0.05 if i % 2 == 0 else 1.0)
+            if i < 2:  # make sure the reader has run on both networks at least once
+                start = count[0]
+                deadline = time.monotonic() + 10
+                while count[0] < start + 2 and time.monotonic() < deadline:
+                    time.sleep(0.001)
     finally:
         done.set()
         t.join()
