@@ -32,6 +32,13 @@ def test_training_smoke_per_method(tmp_path, tiny_digits, method, extra):
         assert int((w != 0).sum()) == num_kept(w.numel(), trainer.sub.alpha_range[0])
 
 
+def test_progress_bar_path(tmp_path, tiny_digits, capsys):
+    cfg = load_config(None, FAST + ["optim.epochs=1", "run.progress=true"])
+    Trainer(cfg, tmp_path / "bar", data=tiny_digits).fit()
+    captured = capsys.readouterr()
+    assert "epoch 1/1" in captured.out + captured.err and "alpha=" in captured.err
+
+
 def test_lcs_l_step_reports_cos2_and_samples_alpha(tmp_path, tiny_digits):
     trainer = Trainer(load_config(None, FAST), tmp_path / "r", data=tiny_digits)
     x, y = tiny_digits.train.images[:8], tiny_digits.train.labels[:8]

@@ -305,10 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lcs: interrupted", file=sys.stderr)
         return 130
-    except (LcsError, OSError, RuntimeError, ValueError, KeyError) as e:
+    except Exception as e:  # one line for users; LCS_DEBUG=1 shows the traceback
         if os.environ.get("LCS_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if not isinstance(e, (LcsError, OSError)):
+            msg = f"{type(e).__name__}: {msg} (unexpected; rerun with LCS_DEBUG=1 for the traceback)"
         print(f"lcs: error: {msg}", file=sys.stderr)
         return 2
 

@@ -144,10 +144,10 @@ class Trainer:
                     record[f"val_acc_{tag}"], record[f"val_loss_{tag}"] = evaluate_accuracy(
                         self.model, self.data, self.device)
             records.append(record)
-            say = bar.write if bar is not None else print
+            say = bar.write if bar is not None else (lambda msg: print(msg, flush=True))
             say(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {record['train_loss']:.3f}  "
                 f"val acc α={hi:g}: {record['val_acc_hi']:.3f}  α={lo:g}: {record['val_acc_lo']:.3f}  "
-                f"({record['img_per_s']:.0f} img/s, {elapsed:.0f} s)", flush=True)
+                f"({record['img_per_s']:.0f} img/s, {elapsed:.0f} s)")
             if (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch + 1 == last_epoch:
                 self._checkpoint(epoch + 1)
             with open(self.out / "metrics.jsonl", "a") as f:
