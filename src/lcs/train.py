@@ -96,12 +96,14 @@ class Trainer:
             levels.append(self.sub.set_alpha(a, level))
             out = self.model(x)
             ce = F.cross_entropy(out, y, label_smoothing=self.cfg.optim.label_smoothing)
-            ce_sum = ce_sum + ce
+            ce.backward()  # per α: gradients accumulate, and each α's graph is freed at once
+            ce_sum += ce.detach()
             correct += int((out.argmax(1) == y).sum())
         terms = {name: w * fn(self.sub) for name, (w, fn) in self.method.terms.items()}
-        loss = ce_sum + sum(terms.values()) if terms else ce_sum
-        loss.backward()
+        if terms:
+            sum(terms.values()).backward()
         self.opt.step()
+        loss = ce_sum + sum(t.detach() for t in terms.values())
         return {"loss": float(loss.detach()), "ce": float(ce_sum.detach()) / len(alphas),
                 "acc": correct / (y.numel() * len(alphas)), "alphas": alphas, "levels": levels,
                 **{k: float(v.detach()) for k, v in terms.items()}}
