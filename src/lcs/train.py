@@ -91,17 +91,18 @@ class Trainer:
         ce_sum = torch.zeros((), device=self.device)
         correct = 0
         levels = []
-        for a in alphas:
+        # Extra terms depend on the weights, not on α: they join the first α's backward, so every
+        # step has exactly one backward per forward (what DistributedDataParallel expects).
+        terms = {name: w * fn(self.sub) for name, (w, fn) in self.method.terms.items()}
+        extra = sum(terms.values()) if terms else None
+        for i, a in enumerate(alphas):
             level = self.method.schedule(self.sub.config.level(a), step)
             levels.append(self.sub.set_alpha(a, level))
             out = self.model(x)
             ce = F.cross_entropy(out, y, label_smoothing=self.cfg.optim.label_smoothing)
-            ce.backward()  # per α: gradients accumulate, and each α's graph is freed at once
+            (ce + extra if i == 0 and extra is not None else ce).backward()  # each α's graph freed at once
             ce_sum += ce.detach()
             correct += int((out.argmax(1) == y).sum())
-        terms = {name: w * fn(self.sub) for name, (w, fn) in self.method.terms.items()}
-        if terms:
-            sum(terms.values()).backward()
         self.opt.step()
         loss = ce_sum + sum(t.detach() for t in terms.values())
         return {"loss": float(loss.detach()), "ce": float(ce_sum.detach()) / len(alphas),
