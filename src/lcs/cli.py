@@ -45,8 +45,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if (out / "checkpoints").exists():
             raise LcsError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
         cfg = load_config(args.config, overrides)
+    from .distributed import shutdown_distributed
+
     trainer = Trainer(cfg, out, resume=args.resume)
-    records = trainer.fit()
+    try:
+        records = trainer.fit()
+    finally:
+        shutdown_distributed(trainer.dist)
     if records:
         last = records[-1]
         print(f"trained {cfg.method.regime}/{cfg.method.name} for {last['epoch']} epochs: "

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import ImageData, num_batches, train_batches
+from .distributed import init_distributed
 from .errors import LcsError
 from .evaluate import evaluate_accuracy
 from .methods import Method, build_method
@@ -52,6 +53,9 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.device = resolve_device(cfg.run.device)
+        self.dist = init_distributed(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.data = data if data is not None else open_data(cfg)
@@ -62,6 +66,15 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.sub: Subspace = build_subspace(cfg)
         self.model = self.sub.model.to(self.device)
+        self.net: torch.nn.Module = self.model  # what the forward pass runs: the model or its DDP wrapper
+        if self.dist.enabled:
+            if cfg.data.batch_size % self.dist.world_size:
+                raise LcsError(f"data.batch_size={cfg.data.batch_size} must be divisible by the "
+                               f"{self.dist.world_size} processes")
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                               if self.device.type == "cuda" else None)
         self.steps_per_epoch = num_batches(len(self.data.train.labels), cfg.data.batch_size)
         if self.steps_per_epoch == 0:
             raise LcsError(f"batch_size={cfg.data.batch_size} is larger than the training set "
@@ -73,12 +86,15 @@ class Trainer:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                    weight_decay=cfg.optim.weight_decay)
         self.step = 0
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             state = load_checkpoint(latest_checkpoint(self.out), self.model, self.opt)
             self.step = int(state["step"])
-            self._truncate_log(self.step)
-        save_config(cfg, self.out / "config.yaml")
+            if self.dist.is_main:
+                self._truncate_log(self.step)
+        if self.dist.is_main:
+            save_config(cfg, self.out / "config.yaml")
 
     # -- one step --------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, Any]:
@@ -98,7 +114,7 @@ class Trainer:
         for i, a in enumerate(alphas):
             level = self.method.schedule(self.sub.config.level(a), step)
             levels.append(self.sub.set_alpha(a, level))
-            out = self.model(x)
+            out = self.net(x)
             ce = F.cross_entropy(out, y, label_smoothing=self.cfg.optim.label_smoothing)
             (ce + extra if i == 0 and extra is not None else ce).backward()  # each α's graph freed at once
             ce_sum += ce.detach()
@@ -118,7 +134,7 @@ class Trainer:
         start_epoch, start_batch = divmod(self.step, self.steps_per_epoch)
         last_epoch = cfg.optim.epochs if stop_after_epoch is None else min(cfg.optim.epochs, stop_after_epoch)
         bar = None
-        if cfg.run.progress:
+        if cfg.run.progress and self.dist.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, leave=True)
@@ -127,17 +143,20 @@ class Trainer:
             t0, seen, loss_sum, acc_sum, n = time.perf_counter(), 0, 0.0, 0.0, 0
             batches = train_batches(self.data, cfg.data.batch_size, epoch=epoch, seed=cfg.run.seed,
                                     start_batch=start_batch if epoch == start_epoch else 0,
+                                    rank=self.dist.rank, world_size=self.dist.world_size,
                                     augment=cfg.data.augment, device=self.device)
             for x, y in batches:
                 r = self.train_step(x, y, self.step)
                 self.step += 1
-                seen += y.numel() * len(r["alphas"])
+                seen += y.numel() * len(r["alphas"]) * self.dist.world_size
                 loss_sum, acc_sum, n = loss_sum + r["loss"], acc_sum + r["acc"], n + 1
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{r['loss']:.3f}", acc=f"{r['acc']:.3f}",
                                     alpha=",".join(f"{a:.2f}" for a in r["alphas"]))
             elapsed = time.perf_counter() - t0
+            if not self.dist.is_main:
+                continue  # rank 0 evaluates, logs and checkpoints; the others go on to the next epoch
             record = {"epoch": epoch + 1, "step": self.step, "lr": self.opt.param_groups[0]["lr"],
                       "train_loss": loss_sum / max(n, 1), "train_acc": acc_sum / max(n, 1),
                       "img_per_s": seen / max(elapsed, 1e-9), "epoch_seconds": elapsed}
@@ -157,6 +176,10 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
         if bar is not None:
             bar.close()
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()  # nobody leaves (or tears the group down) while rank 0 still writes
         return records
 
     def _checkpoint(self, epoch: int) -> None:
