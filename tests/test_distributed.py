@@ -50,8 +50,9 @@ def test_two_gloo_processes_equal_one(tmp_path, method):
     single.fit()
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "ddp"), method), nprocs=2, join=True,
                        start_method="spawn")
-    from lcs.checkpoint import latest_checkpoint
     from safetensors.torch import load_file
+
+    from lcs.checkpoint import latest_checkpoint
 
     ddp = load_file(latest_checkpoint(tmp_path / "ddp") / "weights.safetensors")
     ref = single.model.state_dict()
