@@ -66,7 +66,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .run import arch_meta, load_run, open_data, resolve_device
 
     cfg, sub, _ = load_run(args.run)
-    data = open_data(cfg, root=args.data_root, name=args.data)
+    # Another data set takes its own root (or none, for digits); the run's own data keeps its root.
+    data = open_data(cfg, root=args.data_root if args.data else None, name=args.data)
     if data.num_classes != cfg.model.num_classes:
         raise LcsError(f"the evaluation data has {data.num_classes} classes, the run {cfg.model.num_classes}")
     grid = _floats(args.grid) if args.grid else DEFAULT_GRIDS[cfg.method.regime]

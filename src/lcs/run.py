@@ -47,7 +47,7 @@ def open_data(cfg: Config, root: str | None = None, name: str | None = None):
     """Load the configured data set (optionally another one, for evaluation)."""
     from .data import load_data
 
-    return load_data(name or cfg.data.name, root if root is not None else cfg.data.root,
+    return load_data(name or cfg.data.name, root if (name or root is not None) else cfg.data.root,
                      val_fraction=cfg.data.val_fraction, seed=cfg.run.seed, image_size=cfg.data.image_size,
                      cache_dir=cache_dir() if cfg.data.cache else None)
 
