@@ -89,3 +89,23 @@ def test_call_runs_and_reports(tmp_path):
     ctl = BudgetController(rt, PROFILE, budget_ms=8.0)
     y, d = ctl(torch.randn(1, 3, 32, 32))
     assert y.shape == (1, 10) and d.alpha == 0.5 == rt.alpha and d.latency_ms > 0
+
+
+def test_accepts_profile_json_path_and_dict(tmp_path):
+    import json
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"records": PROFILE}))
+    for profile in (str(path), path, {"records": PROFILE}):
+        assert BudgetController(FakeRuntime(), profile, budget_ms=8.0).choose() == 0.5
+
+
+def test_timeline_summarizes_traces():
+    from lcs.adapt import timeline
+
+    result = {"seconds": 2, "traces": {
+        "controller": [{"t": 0.1, "alpha": 0.5, "latency_ms": 3.0, "loaded": False},
+                       {"t": 1.2, "alpha": 0.1, "latency_ms": 5.0, "loaded": True}],
+        "fixed": [{"t": 0.3, "alpha": 1.0, "latency_ms": 4.0, "loaded": False}]}}
+    lines = timeline(result).splitlines()
+    assert len(lines) == 3 and "yes" in lines[2] and "0.100" in lines[2] and "5.00" in lines[2]

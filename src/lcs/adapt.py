@@ -14,7 +14,7 @@ import torch
 from .controller import BudgetController
 from .runtime import Runtime
 
-__all__ = ["run_scenario", "start_competitor"]
+__all__ = ["run_scenario", "start_competitor", "timeline"]
 
 # Saturates every core with matrix products for a bounded time, then exits by itself.
 _COMPETITOR = """
@@ -84,3 +84,25 @@ def run_scenario(rt: Runtime, profile: list[dict[str, Any]], budget_ms: float, s
                          "infeasible_requests": sum(not r["feasible"] for r in trace)}
     return {"budget_ms": budget_ms, "seconds": seconds, "load_at": load_at, "batch": batch,
             "summary": summary, "traces": traces}
+
+
+def timeline(result: dict[str, Any], step_s: float = 1.0) -> str:
+    """Per time slice: mean α and worst latency of each run, and whether the competitor ran."""
+    names = list(result["traces"])
+    head = f"{'t (s)':>6}  load  " + "  ".join(f"{n + ' α':>13} {n + ' max ms':>18}" for n in names)
+    lines = [head]
+    t = 0.0
+    while t < result["seconds"]:
+        cells = []
+        loaded = False
+        for n in names:
+            rows = [r for r in result["traces"][n] if t <= r["t"] < t + step_s]
+            loaded = loaded or any(r["loaded"] for r in rows)
+            if rows:
+                cells.append(f"{sum(r['alpha'] for r in rows) / len(rows):>13.3f} "
+                             f"{max(r['latency_ms'] for r in rows):>18.2f}")
+            else:
+                cells.append(f"{'-':>13} {'-':>18}")
+        lines.append(f"{t:>6.1f}  {'yes ' if loaded else 'no  '}  " + "  ".join(cells))
+        t += step_s
+    return "\n".join(lines)

@@ -204,7 +204,7 @@ def _threads() -> int:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from .adapt import run_scenario
+    from .adapt import run_scenario, timeline
     from .profile import profile_runtime
     from .report import plot_adapt
     from .runtime import Runtime
@@ -224,6 +224,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                                              < rt.alpha_range[1]], rt.alpha_range[1]})
         records = profile_runtime(rt, grid, [args.batch], shape, repeats=10)
     result = run_scenario(rt, records, args.budget_ms, args.seconds, args.load_at, args.batch, shape)
+    print(timeline(result, step_s=max(0.5, args.seconds / 20)))
     for name, s in result["summary"].items():
         print(f"{name:>10}: {s['requests']} requests, {s['over_budget']:.1%} over the {args.budget_ms:g} ms budget "
               f"({s['over_budget_under_load']:.1%} under load), mean α {s['mean_alpha']:.3f}")

@@ -10,6 +10,8 @@ requests of dwell, so the choice does not oscillate at the boundary.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +38,8 @@ class BudgetController:
 
     Args:
         rt: the runtime to drive.
-        profile: records with ``alpha`` and ``latency_ms_b{batch}`` (``lcs profile`` output).
+        profile: records with ``alpha`` and ``latency_ms_b{batch}``, or the JSON (path or dict) that
+            ``lcs profile`` writes.
         budget_ms: the latency budget per request.
         batch: which batch size's latencies to use from the profile.
         smoothing: EMA weight of each new measurement in the load factor.
@@ -44,8 +47,13 @@ class BudgetController:
         dwell: requests to stay at an α after switching.
     """
 
-    def __init__(self, rt: Runtime, profile: Sequence[dict[str, Any]], budget_ms: float, *, batch: int = 1,
-                 smoothing: float = 0.3, margin: float = 0.15, dwell: int = 3):
+    def __init__(self, rt: Runtime, profile: Sequence[dict[str, Any]] | dict[str, Any] | str | os.PathLike,
+                 budget_ms: float, *, batch: int = 1, smoothing: float = 0.3, margin: float = 0.15, dwell: int = 3):
+        if isinstance(profile, (str, os.PathLike)):
+            with open(profile) as f:
+                profile = json.load(f)
+        if isinstance(profile, dict):  # the JSON that `lcs profile` writes
+            profile = profile["records"]
         if budget_ms <= 0:
             raise ValueError(f"budget_ms must be > 0, got {budget_ms}")
         key = f"latency_ms_b{batch}"
