@@ -171,10 +171,11 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     data = None
     if args.data:
         from .data import load_data
+        from .run import cache_dir
 
-        info = rt.header.get("data", {})
+        info = rt.header.get("data", {})  # the training run's split, so accuracy is on held-out images
         data = load_data(args.data, args.data_root, val_fraction=info.get("val_fraction", 0.1),
-                         seed=info.get("seed", 0), image_size=shape[-1])
+                         seed=info.get("seed", 0), image_size=shape[-1], cache_dir=cache_dir())
     from .profile import profile_runtime
 
     records = profile_runtime(rt, grid, batches, shape, data=data)
