@@ -20,7 +20,7 @@ import torch
 
 import lcs
 from lcs.adapt import run_scenario
-from lcs.profile import measure_latency, profile_runtime
+from lcs.profile import measure_latency, profile_runtime, quick_grid
 from lcs.runtime import Runtime, save_subspace
 
 
@@ -42,9 +42,8 @@ def main() -> None:
             save_subspace(sub, path, {"name": "cpreresnet20", "kwargs": {"num_classes": 10}})
         rt = Runtime.load(path)
     shape = tuple(rt.header.get("input_shape", (3, 32, 32)))
-    lo, hi = rt.alpha_range
-    grid = sorted({lo, *[a for a in (0.1, 0.25, 0.5, 0.75) if lo < a < hi], hi})
-    profile = profile_runtime(rt, grid, [args.batch], shape, repeats=15)
+    hi = rt.alpha_range[1]
+    profile = profile_runtime(rt, quick_grid(rt.alpha_range), [args.batch], shape, repeats=15)
     rt.set_alpha(hi)
     unloaded = statistics.median(measure_latency(rt, torch.randn(args.batch, *shape), repeats=30))
     budget = args.budget_factor * unloaded

@@ -153,13 +153,13 @@ _PROFILE_COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"),
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
     from .evaluate import DEFAULT_GRIDS
     from .report import format_table, plot_profile
     from .runtime import Runtime
 
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     rt = Runtime.load(args.file)
     batches = [int(b) for b in _floats(args.batch)]
@@ -186,7 +186,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
              ("accuracy", "accuracy", "{:.4f}")]
     print(format_table(records, cols))
     out = Path(args.json)
-    payload = {"file": str(args.file), "regime": rt.regime, "batches": batches, "threads": _threads(),
+    payload = {"file": str(args.file), "regime": rt.regime, "batches": batches, "threads": torch.get_num_threads(),
                "records": records}
     out.write_text(json.dumps(payload, indent=1))
     lat, acc = out.with_name(out.stem + "_latency.png"), out.with_name(out.stem + "_accuracy.png")
@@ -198,15 +198,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def _cmd_adapt(args: argparse.Namespace) -> int:
     from .adapt import run_scenario, timeline
-    from .profile import profile_runtime
+    from .profile import profile_runtime, quick_grid
     from .report import plot_adapt
     from .runtime import Runtime
 
@@ -221,9 +215,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
             raise LcsError(f"cannot read profile {args.profile}: {e}") from None
     else:
         print("profiling (no --profile given) ...")
-        grid = sorted({rt.alpha_range[0], *[a for a in (0.1, 0.25, 0.5, 0.75) if rt.alpha_range[0] < a
-                                             < rt.alpha_range[1]], rt.alpha_range[1]})
-        records = profile_runtime(rt, grid, [args.batch], shape, repeats=10)
+        records = profile_runtime(rt, quick_grid(rt.alpha_range), [args.batch], shape, repeats=10)
     result = run_scenario(rt, records, args.budget_ms, args.seconds, args.load_at, args.batch, shape)
     print(timeline(result, step_s=max(0.5, args.seconds / 20)))
     for name, s in result["summary"].items():

@@ -15,9 +15,13 @@ from .artifact import artifact_bytes
 from .runtime import Runtime
 from .stats import count_macs, count_params
 
-__all__ = ["measure_latency", "profile_runtime", "DEFAULT_PROFILE_GRID"]
+__all__ = ["measure_latency", "profile_runtime", "quick_grid"]
 
-DEFAULT_PROFILE_GRID = {"unstructured": [0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0]}
+
+def quick_grid(alpha_range: tuple[float, float]) -> list[float]:
+    """A few α spread over the trained range (both ends included): enough for the controller."""
+    lo, hi = alpha_range
+    return sorted({lo, *[a for a in (0.1, 0.25, 0.5, 0.75) if lo < a < hi], hi})
 
 
 @torch.no_grad()
