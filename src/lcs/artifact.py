@@ -81,7 +81,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, meta: dict[str, A
     """Write a plain (materialized) model as a compressed artifact, atomically; returns its bytes.
 
     ``meta`` should hold ``{"arch": {"name": ..., "kwargs": {...}}}`` so that ``load_compressed``
-    can rebuild the model by name; anything else JSON-serializable is kept alongside.
+    can rebuild the model by name, and ``"regime": "structured"`` for physically slim networks
+    (the loader then shrinks the layers to the stored shapes); anything else JSON-serializable is
+    kept alongside.
     """
     data = st_save(*encode_state(model, meta))
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
@@ -155,6 +157,10 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
             raise LcsError(f"{path} does not name its architecture: pass model=")
         model = models.create(arch["name"], **arch.get("kwargs", {}))
     state = _decode(path, header)
+    if header.get("regime") == "structured":  # physically slim: shrink the full-width layers first
+        from .slim import resize_to_shapes
+
+        resize_to_shapes(model, {name: info["shape"] for name, info in header["tensors"].items()})
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

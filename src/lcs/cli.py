@@ -61,8 +61,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import DEFAULT_GRIDS, sweep
-    from .report import format_table, plot_runs
+    from .evaluate import default_grid, sweep
+    from .report import format_table, plot_bn_gaps, plot_runs
     from .run import arch_meta, load_run, open_data, resolve_device
 
     cfg, sub, _ = load_run(args.run)
@@ -70,13 +70,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     data = open_data(cfg, root=args.data_root if args.data else None, name=args.data)
     if data.num_classes != cfg.model.num_classes:
         raise LcsError(f"the evaluation data has {data.num_classes} classes, the run {cfg.model.num_classes}")
-    grid = _floats(args.grid) if args.grid else DEFAULT_GRIDS[cfg.method.regime]
+    grid = _floats(args.grid) if args.grid else default_grid(sub.config)
     if cfg.method.name == "target" and not args.grid:
         grid = [cfg.method.target]
     device = resolve_device(cfg.run.device)
     sub.model.to(device)
     meta = {"arch": arch_meta(cfg), "regime": cfg.method.regime, "method": cfg.method.name}
-    records = sweep(sub, grid, data, device, meta)
+    latency = tuple(int(b) for b in _floats(args.latency_batch)) if args.latency_batch else ()
+    if cfg.method.name == "lec":
+        from .prune import sweep_keep
+
+        keeps = _floats(args.keep) if args.keep else [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+        records = sweep_keep(sub, keeps, data, device, meta, latency)
+    else:
+        records = sweep(sub, grid, data, device, meta, latency)
     print(format_table(records))
     run = Path(args.run)
     json_path = Path(args.json) if args.json else run / "eval.json"
@@ -85,8 +92,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, json_path)
     plot_path = json_path.with_suffix(".png")
-    plot_runs([(f"{cfg.method.name} ({cfg.method.regime})", records)], plot_path)
-    print(f"wrote {json_path} and {plot_path}")
+    x = "params" if cfg.method.regime == "structured" else "sparsity"
+    plot_runs([(f"{cfg.method.name} ({cfg.method.regime})", records)], plot_path, x=x)
+    written = [json_path, plot_path]
+    if any("bn_gaps" in r for r in records):
+        bn_path = json_path.with_name(json_path.stem + "_bn_stats.png")
+        plot_bn_gaps([(cfg.method.name, records)], bn_path)
+        written.append(bn_path)
+        print("BatchNorm running statistics vs true batch statistics (mean |gap| over layers): "
+              + ", ".join(f"{sub.config.level_name} {r.get(sub.config.level_name, r.get('keep', 1.0)):.3g}: "
+                          f"mean {r['bn_mean_gap']:.3f} var {r['bn_var_gap']:.3f}" for r in records))
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -104,7 +120,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
                          payload["records"]))
         except (json.JSONDecodeError, KeyError) as e:
             raise LcsError(f"{path} is not an lcs eval file ({e})") from None
-    plot_runs(runs, args.out, x=args.x)
+    x = args.x or ("params" if all("width" in r or "keep" in r for _, recs in runs for r in recs) else "sparsity")
+    plot_runs(runs, args.out, x=x)
     print(f"wrote {args.out}")
     return 0
 
@@ -148,14 +165,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-_PROFILE_COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("switch_ms", "switch ms", "{:.2f}"),
+_PROFILE_COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("width", "width", "{:.3f}"),
+                    ("switch_ms", "switch ms", "{:.2f}"),
                     ("first_batch_ms", "1st batch ms", "{:.2f}")]
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import DEFAULT_GRIDS
+    from .evaluate import default_grid
     from .report import format_table, plot_profile
     from .runtime import Runtime
 
@@ -165,8 +183,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     batches = [int(b) for b in _floats(args.batch)]
     if not batches or min(batches) < 1:
         raise LcsError(f"--batch expects positive integers, got {args.batch!r}")
-    grid = _floats(args.grid) if args.grid else [a for a in DEFAULT_GRIDS.get(rt.regime, [1.0])
-                                                 if rt.alpha_range[0] <= a <= rt.alpha_range[1]]
+    grid = _floats(args.grid) if args.grid else default_grid(rt.config)
     shape = tuple(rt.header.get("input_shape", (3, 32, 32)))
     data = None
     if args.data:
@@ -239,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = p.add_subparsers(dest="command", required=True)
 
     t = sp.add_parser("train", help="train a compressible subspace")
-    t.add_argument("--regime", help="unstructured")
-    t.add_argument("--method", help="lcs_l | lcs_p | target")
+    t.add_argument("--regime", help="unstructured | structured")
+    t.add_argument("--method", help="unstructured: lcs_l | lcs_p | target; structured: lcs_l | lcs_p | us | ns | lec")
     t.add_argument("--model", help="a registered model name (default cpreresnet20)")
     t.add_argument("--data", help="digits | cifar10 | folder")
     t.add_argument("--data-root", help="dataset folder for cifar10/folder")
@@ -260,12 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluate on other data (default: the run's)")
     e.add_argument("--data-root")
     e.add_argument("--json", help="output JSON (default RUN/eval.json; the plot goes next to it)")
+    e.add_argument("--latency-batch", default="1,64",
+                   help="batch sizes whose CPU latency is measured per α ('' to skip)")
+    e.add_argument("--keep", help="LEC runs: comma-separated fractions of channels kept (default 0.25..1.0)")
     e.set_defaults(fn=_cmd_eval)
 
     pl = sp.add_parser("plot", help="overlay the eval curves of several runs")
     pl.add_argument("runs", nargs="+", help="run directories or eval JSON files")
     pl.add_argument("--out", required=True)
-    pl.add_argument("--x", default="sparsity", choices=["sparsity", "overall_sparsity", "bytes", "macs"])
+    pl.add_argument("--x", choices=["sparsity", "overall_sparsity", "bytes", "macs", "params", "width"],
+                    help="x axis (default: params for structured runs, sparsity otherwise)")
     pl.set_defaults(fn=_cmd_plot)
 
     x = sp.add_parser("export", help="write the compressed network at α (or the whole subspace)")

@@ -15,15 +15,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import LcsError
-from .regimes import RegimeConfig, UnstructuredConfig
+from .regimes import RegimeConfig, StructuredConfig, UnstructuredConfig
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "RunConfig",
+__all__ = ["default_norm", "Config", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "RunConfig",
            "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "save_config"]
 
 DATASETS = ("digits", "cifar10", "folder")
 # digits are 8×8: 16×16 gives the network 4×4 maps before pooling at a quarter of the 32×32 cost.
 DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "folder": 32}
-REGIME_NORMS = {"unstructured": "gn"}
+# GroupNorm / one-group GroupNorm ("ln") keep no running statistics (SPEC §2); the slimming baselines use
+# BatchNorm. Structured LCS uses "ln", not the paper's InstanceNorm: measured on digits (5 epochs, dense),
+# InstanceNorm reaches 0.41 where "ln" reaches 0.90, because InstanceNorm → ReLU → global pool erases each
+# channel's magnitude. "in" stays available (model.norm=in).
+DEFAULT_NORMS = {("unstructured", None): "gn", ("structured", None): "ln", ("structured", "us"): "bn",
+                 ("structured", "ns"): "bn", ("structured", "lec"): "bn"}
+
+
+def default_norm(regime: str, method: str) -> str | None:
+    return DEFAULT_NORMS.get((regime, method), DEFAULT_NORMS.get((regime, None)))
 
 
 @dataclass
@@ -40,16 +49,22 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "cpreresnet20"
-    norm: str | None = None  # gn | in | bn; None = the regime's default (GroupNorm for unstructured)
+    norm: str | None = None  # gn | in | ln | bn; None = the method's default (see DEFAULT_NORMS)
     num_classes: int | None = None  # None = from the data
 
 
 @dataclass
 class MethodConfig:
-    regime: str = "unstructured"  # unstructured
-    name: str = "lcs_l"  # lcs_l | lcs_p | target
-    d_min: float = 0.025  # lowest density of the subspace (97.5 % sparsity)
+    regime: str = "unstructured"  # unstructured | structured
+    name: str = "lcs_l"  # unstructured: lcs_l | lcs_p | target; structured: lcs_l | lcs_p | us | ns | lec
+    d_min: float = 0.025  # unstructured: lowest density of the subspace (97.5 % sparsity)
     target: float | None = None  # the target level of the 'target' baseline (a density)
+    w_min: float = 0.25  # structured: narrowest width factor
+    w_max: float = 1.0  # structured: widest width factor
+    line_scope: str = "norm"  # structured LCS+L: which tensors are lines (norm | all)
+    sandwich_random: int = 2  # structured sandwich rule: random widths per step besides both ends
+    ns_widths: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # NS baseline: the fixed width list
+    l1: float = 1e-5  # LEC baseline: L1 weight on norm scales
     warmup: float = 0.8  # compression warm-up, fraction of all steps (SPEC: 80 %)
     beta: float = 1.0  # weight of the cos² regularizer (lines only)
     endpoint_prob: float = 0.5  # LCS+L: probability of sampling an endpoint
@@ -86,8 +101,12 @@ class Config:
 
     def regime_config(self) -> RegimeConfig:
         """The regime config that ``lcs.convert`` takes, with the method's geometry."""
-        geometry = "line" if self.method.name == "lcs_l" else "point"
-        return UnstructuredConfig(geometry=geometry, d_min=self.method.d_min, line_init=self.method.line_init)
+        m = self.method
+        geometry = "line" if m.name == "lcs_l" else "point"
+        if m.regime == "structured":
+            return StructuredConfig(geometry=geometry, w_min=m.w_min, w_max=m.w_max, line_scope=m.line_scope,
+                                    line_init=m.line_init)
+        return UnstructuredConfig(geometry=geometry, d_min=m.d_min, line_init=m.line_init)
 
     def validate(self) -> Config:
         from .methods import METHODS
@@ -101,7 +120,7 @@ class Config:
         if d.root:
             d.root = os.path.abspath(os.path.expanduser(d.root))
         if self.model.norm is None:
-            self.model.norm = REGIME_NORMS.get(m.regime)
+            self.model.norm = default_norm(m.regime, m.name)
         if d.image_size is None:
             d.image_size = DEFAULT_IMAGE_SIZE[d.name]
         _check(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
@@ -120,9 +139,19 @@ class Config:
         _check(0 <= m.warmup <= 1, "method.warmup", m.warmup, "in [0, 1]")
         _check(m.beta >= 0, "method.beta", m.beta, ">= 0")
         _check(0 <= m.endpoint_prob <= 1, "method.endpoint_prob", m.endpoint_prob, "in [0, 1]")
-        if self.model.norm is not None and self.model.norm not in ("gn", "in", "bn"):
-            raise LcsError(f"model.norm must be gn, in or bn, got {self.model.norm!r}")
-        regime = self.regime_config()  # validates d_min, line_init
+        if self.model.norm is not None and self.model.norm not in ("gn", "in", "ln", "bn"):
+            raise LcsError(f"model.norm must be gn, in, ln or bn, got {self.model.norm!r}")
+        if m.regime == "structured" and self.model.norm == "gn":
+            raise LcsError("structured sparsity needs per-channel norms (model.norm=in or bn): GroupNorm's groups "
+                           "would change with the width")
+        _check(m.sandwich_random >= 0, "method.sandwich_random", m.sandwich_random, ">= 0")
+        _check(m.l1 >= 0, "method.l1", m.l1, ">= 0")
+        regime = self.regime_config()  # validates d_min, widths, line_init
+        if m.regime == "structured" and m.name == "ns":
+            if not m.ns_widths:
+                raise LcsError("method.ns_widths is empty")
+            for w in m.ns_widths:
+                regime.alpha_of(w)
         if m.name == "target":
             if m.target is None:
                 raise LcsError("method 'target' needs a target level: --set method.target=0.1")
@@ -169,6 +198,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return float(value)
         if hint is str:
             return str(value)
+        if typing.get_origin(hint) is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(float(v) for v in items if str(v).strip())
     except (TypeError, ValueError):
         raise LcsError(f"{key}={value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
     return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import torch
@@ -10,14 +11,28 @@ import torch.nn.functional as F
 from .artifact import artifact_bytes
 from .data import eval_batches
 from .materialize import materialize
+from .profile import measure_latency
+from .regimes import RegimeConfig, StructuredConfig
 from .stats import count_macs, count_params, sparsity
 from .subspace import Subspace
 
-__all__ = ["DEFAULT_GRIDS", "sweep", "evaluate_point", "evaluate_accuracy"]
+__all__ = ["DEFAULT_GRIDS", "default_grid", "sweep", "evaluate_point", "evaluate_accuracy", "norm_stat_gaps",
+           "measure_network"]
 
+# In levels (SPEC §4): densities for unstructured (= α), widths for structured.
 DEFAULT_GRIDS = {
     "unstructured": [0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0],
+    "structured": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
 }
+
+
+def default_grid(config: RegimeConfig) -> list[float]:
+    """The regime's default grid as α values inside the subspace's range."""
+    levels = DEFAULT_GRIDS.get(config.regime, [1.0])
+    if isinstance(config, StructuredConfig):
+        return [config.alpha_of(w) for w in levels if config.w_min - 1e-9 <= w <= config.w_max + 1e-9]
+    lo, hi = config.alpha_range
+    return [a for a in levels if lo - 1e-9 <= a <= hi + 1e-9]
 
 
 @torch.no_grad()
@@ -37,21 +52,59 @@ def evaluate_accuracy(model: torch.nn.Module, data, device: torch.device,
     return correct / max(total, 1), loss / max(total, 1)
 
 
-def evaluate_point(sub: Subspace, alpha: float, data, device: torch.device, meta: dict[str, Any]) -> dict[str, Any]:
-    """One record: the network at α is materialized (a plain model) and measured.
+@torch.no_grad()
+def norm_stat_gaps(model: torch.nn.Module, data, device: torch.device, batches: int = 4,
+                   batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """How far each BatchNorm's running statistics are from the true statistics of the data at
+    the model's current width: per layer, the mean over channels of |running − batch| for the
+    mean and the variance, the batch statistics pooled over ``batches`` validation batches."""
+    sums: dict[str, list[torch.Tensor]] = {}
 
-    Accuracy is computed on that plain model, so it is the accuracy of what ``lcs export`` ships.
-    """
-    level = sub.set_alpha(alpha)
-    plain = materialize(sub, alpha).to(device)
+    def hook(name: str):
+        def fn(mod: torch.nn.Module, inp: tuple, out: torch.Tensor) -> None:
+            x = inp[0].transpose(0, 1).flatten(1)  # C × (N·H·W)
+            acc = sums.setdefault(name, [x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0]), x.new_zeros(())])
+            acc[0] += x.sum(1)
+            acc[1] += (x * x).sum(1)
+            acc[2] += x.shape[1]
+        return fn
+
+    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+           and m.running_mean is not None]
+    handles = [m.register_forward_hook(hook(n)) for n, m in bns]
+    was_training = model.training
+    model.eval()
+    try:
+        for i, (x, _) in enumerate(eval_batches(data, "val", batch_size, device=device)):
+            if i >= batches:
+                break
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    gaps = {}
+    for name, m in bns:
+        if name not in sums:
+            continue
+        s1, s2, n = sums[name]
+        k = s1.shape[0]
+        mean = s1 / n
+        var = s2 / n - mean * mean
+        gaps[name] = {"mean_gap": float((m.running_mean[:k] - mean).abs().mean()),
+                      "var_gap": float((m.running_var[:k] - var).abs().mean())}
+    return gaps
+
+
+def measure_network(plain: torch.nn.Module, data, device: torch.device, meta: dict[str, Any],
+                    latency_batches: tuple[int, ...] = (), compressed: list[str] | None = None) -> dict[str, Any]:
+    """Accuracy, loss, size and cost of one plain network (see ``evaluate_point``)."""
     acc, loss = evaluate_accuracy(plain, data, device)
-    compressed = dict(plain.named_modules())
-    comp_weights = [compressed[fqn].weight for fqn in sub.compressed]
+    modules = dict(plain.named_modules())
+    comp_weights = [modules[fqn].weight for fqn in (compressed or [])]
     params, nnz = count_params(plain)
     macs, dense_macs = count_macs(plain, (3, data.image_size, data.image_size))
-    return {
-        "alpha": alpha,
-        sub.config.level_name: level,
+    record: dict[str, Any] = {
         "accuracy": acc,
         "loss": loss,
         "sparsity": sparsity(comp_weights),
@@ -60,15 +113,39 @@ def evaluate_point(sub: Subspace, alpha: float, data, device: torch.device, meta
         "nonzero_params": nnz,
         "macs": macs,
         "dense_macs": dense_macs,
-        "bytes": artifact_bytes(plain.cpu(), {**meta, "alpha": alpha}),
+        "bytes": artifact_bytes(plain.cpu(), meta),
     }
+    plain.to(device)
+    for b in latency_batches:
+        x = torch.zeros(b, 3, data.image_size, data.image_size, device=device)
+        record[f"latency_ms_b{b}"] = statistics.median(measure_latency(plain, x, repeats=10, max_seconds=3.0))
+    gaps = norm_stat_gaps(plain, data, device)
+    if gaps:
+        record["bn_mean_gap"] = statistics.fmean(g["mean_gap"] for g in gaps.values())
+        record["bn_var_gap"] = statistics.fmean(g["var_gap"] for g in gaps.values())
+        record["bn_gaps"] = gaps
+    return record
 
 
-def sweep(sub: Subspace, grid: list[float], data, device: torch.device, meta: dict[str, Any]
-          ) -> list[dict[str, Any]]:
+def evaluate_point(sub: Subspace, alpha: float, data, device: torch.device, meta: dict[str, Any],
+                   latency_batches: tuple[int, ...] = ()) -> dict[str, Any]:
+    """One record: the network at α is materialized (a plain model) and measured.
+
+    Accuracy is computed on that plain model, so it is the accuracy of what ``lcs export`` ships.
+    ``latency_batches``: batch sizes whose median CPU latency (ms) is measured on the plain model.
+    BatchNorm models also get the gap between running and true batch statistics (``norm_stat_gaps``).
+    """
+    level = sub.set_alpha(alpha)
+    plain = materialize(sub, alpha, (3, data.image_size, data.image_size)).to(device)
+    return {"alpha": alpha, sub.config.level_name: level,
+            **measure_network(plain, data, device, {**meta, "alpha": alpha}, latency_batches, sub.compressed)}
+
+
+def sweep(sub: Subspace, grid: list[float], data, device: torch.device, meta: dict[str, Any],
+          latency_batches: tuple[int, ...] = ()) -> list[dict[str, Any]]:
     """Records for every α of ``grid`` (see ``evaluate_point``); the subspace's α is restored."""
     old = (sub.state.alpha, sub.state.level)
     try:
-        return [evaluate_point(sub, a, data, device, meta) for a in grid]
+        return [evaluate_point(sub, a, data, device, meta, latency_batches) for a in grid]
     finally:
         sub.state.alpha, sub.state.level = old

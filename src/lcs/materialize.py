@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .errors import LcsError
+from .slim import channel_plan, is_slim, slim_down
 from .subspace import Subspace
 
 __all__ = ["materialize", "strip_parametrizations"]
@@ -33,13 +35,24 @@ def strip_parametrizations(model: nn.Module) -> nn.Module:
     return model
 
 
-def materialize(sub: Subspace, alpha: float) -> nn.Module:
+def materialize(sub: Subspace, alpha: float, input_shape: tuple[int, ...] | None = None) -> nn.Module:
     """A deep copy of the model with θ(α) compressed by f(·, γ(α)) baked in: ordinary Conv2d /
     Linear / norm modules, scriptable and exportable. The subspace itself is left untouched.
+
+    Structured subspaces come out physically slim (fewer channels); sizing them takes one forward
+    pass on zeros of ``input_shape`` (C, H, W), by default ``sub.input_shape``.
 
     Example:
         >>> plain = lcs.materialize(sub, 0.1)   # doctest: +SKIP
     """
     with sub.at(alpha):
         plain = copy.deepcopy(sub.model)  # its copied SubspaceState keeps α after the context exits
-    return strip_parametrizations(plain).eval()
+    plain = strip_parametrizations(plain).eval()
+    if any(is_slim(m) for m in plain.modules()):
+        shape = input_shape or sub.input_shape
+        if shape is None:
+            raise LcsError("a structured subspace needs its input shape to be made slim: pass input_shape=(C, H, W) "
+                           "or set sub.input_shape")
+        param = next(plain.parameters())
+        slim_down(plain, channel_plan(plain, torch.zeros(1, *shape, dtype=param.dtype, device=param.device)))
+    return plain

@@ -19,10 +19,10 @@ import torch
 from .errors import LcsError
 from .ops import cos2
 from .regimes import RegimeConfig
-from .subspace import Subspace
+from .subspace import NORM_TYPES, Subspace
 
-__all__ = ["BiasedEndpointSampler", "UniformSampler", "FixedSampler", "DecayFromMax", "HoldMax",
-           "Method", "METHODS", "build_method", "cos2_term"]
+__all__ = ["BiasedEndpointSampler", "UniformSampler", "FixedSampler", "SandwichSampler", "ListSampler",
+           "DecayFromMax", "HoldMax", "Method", "METHODS", "build_method", "cos2_term", "norm_l1_term"]
 
 
 def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
@@ -66,6 +66,29 @@ class FixedSampler:
 
 
 @dataclass(frozen=True)
+class SandwichSampler:
+    """The sandwich rule (Yu & Huang, US-Nets): both ends plus ``n_random`` α ~ U[lo, hi] per step,
+    losses summed. The narrowest and widest networks bound the rest, so both are trained every step."""
+
+    lo: float
+    hi: float
+    n_random: int = 2
+
+    def __call__(self, step: int, gen: torch.Generator) -> list[float]:
+        return [self.hi, self.lo] + [_uniform(gen, self.lo, self.hi) for _ in range(self.n_random)]
+
+
+@dataclass(frozen=True)
+class ListSampler:
+    """Every α of a fixed list, every step (NS: slimmable networks' fixed width list)."""
+
+    alphas: tuple[float, ...]
+
+    def __call__(self, step: int, gen: torch.Generator) -> list[float]:
+        return list(self.alphas)
+
+
+@dataclass(frozen=True)
 class DecayFromMax:
     """level = γ + (γ_max − γ)·max(0, 1 − t/T_w): compression fades in over the warm-up (SPEC §2,
     TopK warm-up). Returns None after the warm-up, meaning plain γ(α)."""
@@ -98,8 +121,8 @@ LossTerm = Callable[[Subspace], torch.Tensor]
 
 
 def cos2_term(sub: Subspace) -> torch.Tensor:
-    """cos²(θ₀, θ₁) over the compressing layers' weights."""
-    return cos2(sub.line_pairs("compressed"))
+    """cos²(θ₀, θ₁) over the compressing layers' weights (and the norm parameters, structured)."""
+    return cos2(sub.regularized_pairs())
 
 
 @dataclass
@@ -124,6 +147,29 @@ def _lcs_p(m: MethodSettings, regime: RegimeConfig, total_steps: int) -> Method:
                   HoldMax(round(m.warmup * total_steps), regime.level_max))
 
 
+def norm_l1_term(sub: Subspace) -> torch.Tensor:
+    """Σ|γ| over every norm scale (network slimming's sparsity penalty on channel scales)."""
+    scales = [m.weight for m in sub.model.modules() if isinstance(m, NORM_TYPES) and m.weight is not None]
+    return torch.stack([s.abs().sum() for s in scales]).sum()
+
+
+def _sandwich(name: str, geometry: str) -> Callable[..., Method]:
+    def build(m: MethodSettings, regime: RegimeConfig, total_steps: int) -> Method:
+        lo, hi = regime.alpha_range
+        terms = {"cos2": (m.beta, cos2_term)} if geometry == "line" and m.beta > 0 else {}
+        return Method(name, geometry, SandwichSampler(lo, hi, m.sandwich_random), terms=terms)
+
+    return build
+
+
+def _ns(m: MethodSettings, regime: RegimeConfig, total_steps: int) -> Method:
+    return Method("ns", "point", ListSampler(tuple(regime.alpha_of(w) for w in m.ns_widths)))
+
+
+def _lec(m: MethodSettings, regime: RegimeConfig, total_steps: int) -> Method:
+    return Method("lec", "point", FixedSampler(regime.alpha_range[1]), terms={"l1": (m.l1, norm_l1_term)})
+
+
 def _target(m: MethodSettings, regime: RegimeConfig, total_steps: int) -> Method:
     if m.target is None:
         raise LcsError("method 'target' needs a target level: --set method.target=0.1")
@@ -139,10 +185,15 @@ class MethodSettings:
     warmup: float
     beta: float
     target: float | None
+    sandwich_random: int
+    ns_widths: tuple[float, ...]
+    l1: float
 
 
 METHODS: dict[str, dict[str, Callable[..., Method]]] = {
     "unstructured": {"lcs_l": _lcs_l, "lcs_p": _lcs_p, "target": _target},
+    "structured": {"lcs_l": _sandwich("lcs_l", "line"), "lcs_p": _sandwich("lcs_p", "point"),
+                   "us": _sandwich("us", "point"), "ns": _ns, "lec": _lec},
 }
 
 

@@ -13,8 +13,8 @@ from typing import ClassVar
 
 from .errors import LcsError
 
-__all__ = ["RegimeConfig", "UnstructuredConfig", "GEOMETRIES", "REGIMES", "check_alpha", "regime_to_dict",
-           "regime_from_dict"]
+__all__ = ["RegimeConfig", "UnstructuredConfig", "StructuredConfig", "GEOMETRIES", "REGIMES", "check_alpha",
+           "regime_to_dict", "regime_from_dict"]
 
 GEOMETRIES = ("line", "point")
 
@@ -48,6 +48,7 @@ class RegimeConfig:
 
     regime: ClassVar[str] = ""
     level_name: ClassVar[str] = ""
+    regularize_norms: ClassVar[bool] = False  # cos² also over norm parameters
 
     def __post_init__(self) -> None:
         if self.geometry not in GEOMETRIES:
@@ -100,7 +101,53 @@ class UnstructuredConfig(RegimeConfig):
         return check_alpha(alpha, *self.alpha_range)
 
 
-REGIMES: dict[str, type[RegimeConfig]] = {"unstructured": UnstructuredConfig}
+@dataclass(frozen=True)
+class StructuredConfig(RegimeConfig):
+    """Structured sparsity: width factor w = w_min + (w_max − w_min)·α; every compressing layer
+    keeps its first round(w·C_out) output channels (see ``lcs.slim``).
+
+    Args:
+        w_min, w_max: the width range (default [0.25, 1.0]).
+        line_scope: which tensors are lines under ``geometry="line"``: ``"norm"`` (only the norm
+            affine parameters, as in the reference) or ``"all"`` (every conv/linear/norm tensor).
+
+    Example:
+        >>> StructuredConfig().level(0.5)
+        0.625
+    """
+
+    w_min: float = 0.25
+    w_max: float = 1.0
+    line_scope: str = "norm"
+
+    regime: ClassVar[str] = "structured"
+    level_name: ClassVar[str] = "width"
+    regularize_norms: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0.0 < self.w_min <= self.w_max <= 1.0):
+            raise LcsError(f"widths must satisfy 0 < w_min <= w_max <= 1, got w_min={self.w_min}, "
+                           f"w_max={self.w_max}")
+        if self.line_scope not in ("norm", "all"):
+            raise LcsError(f"line_scope must be 'norm' or 'all', got {self.line_scope!r}")
+
+    @property
+    def level_max(self) -> float:
+        return self.w_max
+
+    def level(self, alpha: float) -> float:
+        return self.w_min + (self.w_max - self.w_min) * check_alpha(alpha, *self.alpha_range)
+
+    def alpha_of(self, width: float) -> float:
+        """The α whose width is ``width`` (for width grids)."""
+        if not (self.w_min - 1e-9 <= width <= self.w_max + 1e-9):
+            raise LcsError(f"width {width} is outside the subspace's range [{self.w_min:g}, {self.w_max:g}]")
+        span = self.w_max - self.w_min
+        return 1.0 if span == 0 else min(max((width - self.w_min) / span, 0.0), 1.0)
+
+
+REGIMES: dict[str, type[RegimeConfig]] = {"unstructured": UnstructuredConfig, "structured": StructuredConfig}
 
 
 def regime_to_dict(config: RegimeConfig) -> dict:

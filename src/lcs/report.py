@@ -6,12 +6,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["format_table", "plot_runs", "plot_profile", "plot_adapt"]
+__all__ = ["format_table", "plot_runs", "plot_bn_gaps", "plot_profile", "plot_adapt"]
 
-_COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("accuracy", "accuracy", "{:.4f}"),
+_COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("width", "width", "{:.3f}"),
+            ("keep", "keep", "{:.3f}"), ("accuracy", "accuracy", "{:.4f}"),
             ("loss", "loss", "{:.3f}"), ("sparsity", "sparsity", "{:.3f}"),
-            ("overall_sparsity", "overall", "{:.3f}"), ("nonzero_params", "nonzero", "{:,}"),
-            ("macs", "MACs", "{:,}"), ("bytes", "bytes", "{:,}")]
+            ("overall_sparsity", "overall", "{:.3f}"), ("params", "params", "{:,}"),
+            ("nonzero_params", "nonzero", "{:,}"), ("macs", "MACs", "{:,}"), ("bytes", "bytes", "{:,}"),
+            ("latency_ms_b1", "b1 ms", "{:.2f}"), ("latency_ms_b64", "b64 ms", "{:.1f}"),
+            ("bn_mean_gap", "BN μ gap", "{:.3f}"), ("bn_var_gap", "BN σ² gap", "{:.3f}")]
 
 
 def format_table(records: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] | None = None) -> str:
@@ -37,11 +40,39 @@ def plot_runs(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str | 
     for label, records in runs:
         pts = sorted((r[x], r["accuracy"]) for r in records)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=label)
-    ax.set_xlabel({"sparsity": "sparsity of compressed layers", "bytes": "artifact bytes"}.get(x, x))
+    ax.set_xlabel({"sparsity": "sparsity of compressed layers", "bytes": "artifact bytes",
+                   "params": "parameters of the compressed network"}.get(x, x))
+    if x in ("params", "bytes", "macs"):
+        ax.set_xscale("log")
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
     ax.set_title(title or "accuracy vs compression")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_bn_gaps(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str | os.PathLike) -> None:
+    """Mean |running − true batch statistic| of BatchNorm layers vs width, for mean and variance:
+    why the LCS defaults keep no running statistics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6), dpi=120)
+    for label, records in runs:
+        recs = [r for r in records if "bn_mean_gap" in r]
+        xs = [r.get("width", r.get("keep", 1.0)) for r in recs]
+        for ax, key in zip(axes, ("bn_mean_gap", "bn_var_gap"), strict=True):
+            ax.plot(xs, [r[key] for r in recs], marker="o", ms=4, label=label)
+    for ax, what in zip(axes, ("mean", "variance"), strict=True):
+        ax.set_xlabel("width factor")
+        ax.set_ylabel(f"mean |running − batch| {what}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("BatchNorm statistics are right at one width only")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -40,7 +40,9 @@ def build_subspace(cfg: Config) -> Subspace:
         raise LcsError("model.num_classes is not resolved (it comes from the data)")
     arch = arch_meta(cfg)
     model = models.create(arch["name"], **arch["kwargs"])
-    return convert(model, cfg.regime_config())
+    sub = convert(model, cfg.regime_config())
+    sub.input_shape = (3, cfg.data.image_size, cfg.data.image_size)
+    return sub
 
 
 def open_data(cfg: Config, root: str | None = None, name: str | None = None):

@@ -27,6 +27,7 @@ from .artifact import read_metadata
 from .errors import LcsError
 from .materialize import strip_parametrizations
 from .regimes import regime_from_dict, regime_to_dict
+from .slim import channel_plan, is_slim, slim_down, width_channels
 from .subspace import Subspace, convert
 
 __all__ = ["SUBSPACE_FORMAT", "save_subspace", "load_subspace", "Runtime"]
@@ -71,6 +72,8 @@ def load_subspace(path: str | os.PathLike, model: nn.Module | None = None) -> tu
     except (KeyError, TypeError) as e:
         raise LcsError(f"{path}: incomplete subspace metadata ({e})") from None
     sub = convert(model, config, filter_fn=lambda m, fqn: fqn in compressed)
+    if header.get("input_shape"):
+        sub.input_shape = tuple(header["input_shape"])
     try:
         with safe_open(path, framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
@@ -120,6 +123,13 @@ class Runtime:
                     if not originals:
                         originals = [plist.original]
                     self._baked.append((fqn, name, originals, list(plist)))
+        # Structured: the template's slim layers follow its own (copied) state; the channel plan of
+        # each distinct set of widths is found once by a forward pass and cached.
+        slim = [m for m in self._template.modules() if is_slim(m)]
+        self._slim_state = slim[0].lcs_slim.state if slim else None
+        self._slim_sizes = sorted({m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+                                   for m in slim if m.lcs_slim.scale_out})
+        self._plans: dict[tuple[int, ...], dict[str, tuple[int, int]]] = {}
         self._current: tuple[float, float, nn.Module] = (float("nan"), float("nan"), self._template)
         self.last_switch_ms = 0.0
         self.set_alpha(self.alpha_range[1])
@@ -150,6 +160,11 @@ class Runtime:
         return float(lo), float(hi)
 
     @property
+    def config(self):
+        """The regime config (``lcs.UnstructuredConfig``, ``lcs.StructuredConfig``, ...)."""
+        return self._sub.config
+
+    @property
     def level_name(self) -> str:
         return self._sub.config.level_name
 
@@ -171,9 +186,21 @@ class Runtime:
                 for p in chain[1:]:
                     value = p.forward(value)
                 modules[fqn]._parameters[name] = nn.Parameter(value, requires_grad=False)
+            if self._slim_state is not None:
+                slim_down(net, self._plan(level))
             self._current = (self._sub.alpha, level, net)  # one assignment: readers see old or new
             self.last_switch_ms = (time.perf_counter() - t0) * 1e3
             return level
+
+    def _plan(self, width: float) -> dict[str, tuple[int, int]]:
+        key = tuple(width_channels(c, width) for c in self._slim_sizes)
+        if key not in self._plans:
+            shape = self.header.get("input_shape") or self._sub.input_shape
+            if shape is None:
+                raise LcsError("this structured subspace artifact does not record its input shape")
+            self._slim_state.level = width
+            self._plans[key] = channel_plan(self._template, torch.zeros(1, *shape))
+        return self._plans[key]
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

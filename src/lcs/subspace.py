@@ -7,7 +7,9 @@ layers compress. Models themselves stay ordinary ``nn.Module`` s.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,31 +18,33 @@ from torch.nn.utils import parametrize
 
 from .errors import LcsError
 from .parametrizations import Line, SubspaceState, TopK
-from .regimes import RegimeConfig, UnstructuredConfig, check_alpha
+from .regimes import RegimeConfig, StructuredConfig, UnstructuredConfig, check_alpha
+from .slim import make_slim
 
-__all__ = ["Subspace", "convert", "register_regime", "default_filter", "LINEAR_TYPES", "NORM_TYPES"]
+__all__ = ["Subspace", "convert", "register_regime", "default_filter", "all_but_classifier", "LINEAR_TYPES",
+           "NORM_TYPES"]
 
 LINEAR_TYPES = (nn.Conv2d, nn.Linear)
 NORM_TYPES = (nn.GroupNorm, nn.BatchNorm2d, nn.InstanceNorm2d, nn.LayerNorm, nn.BatchNorm1d)
 
 FilterFn = Callable[[nn.Module, str], bool]
 RegimeHandler = Callable[[nn.Module, str, SubspaceState, Any], None]
-_REGIME_HANDLERS: dict[type, RegimeHandler] = {}
+Prepare = Callable[[nn.Module, SubspaceState, Any, set[str]], None]
 
 
-def register_regime(config_type: type) -> Callable[[RegimeHandler], RegimeHandler]:
-    """Register ``fn(module, fqn, state, config)`` that makes one layer compressible for a regime."""
-
-    def deco(fn: RegimeHandler) -> RegimeHandler:
-        _REGIME_HANDLERS[config_type] = fn
-        return fn
-
-    return deco
+@dataclass(frozen=True)
+class _Regime:
+    compress: RegimeHandler  # makes one chosen layer compressible
+    prepare: Prepare | None  # runs on the whole model first (before any parametrization)
+    is_line: Callable[[nn.Module, Any], bool]  # which modules' tensors become lines
+    default_filter: Callable[[nn.Module], FilterFn]
 
 
-@register_regime(UnstructuredConfig)
-def _add_topk(module: nn.Module, fqn: str, state: SubspaceState, config: UnstructuredConfig) -> None:
-    parametrize.register_parametrization(module, "weight", TopK(state))
+_REGIMES: dict[type, _Regime] = {}
+
+
+def _every_layer_is_line(module: nn.Module, config: Any) -> bool:
+    return True
 
 
 def _leaf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -53,6 +57,54 @@ def default_filter(model: nn.Module) -> FilterFn:
     layers = _leaf_layers(model)
     keep_dense = {layers[0][0], layers[-1][0]} if layers else set()
     return lambda module, fqn: isinstance(module, LINEAR_TYPES) and fqn not in keep_dense
+
+
+def all_but_classifier(model: nn.Module) -> FilterFn:
+    """Every Conv2d/Linear but the last: the stem narrows its outputs too (it sees all input
+    channels), so that residual sums of any width line up; the classifier keeps all outputs."""
+    layers = _leaf_layers(model)
+    last = layers[-1][0] if layers else None
+    return lambda module, fqn: isinstance(module, LINEAR_TYPES) and fqn != last
+
+
+def register_regime(config_type: type, *, prepare: Prepare | None = None,
+                    is_line: Callable[[nn.Module, Any], bool] = _every_layer_is_line,
+                    default_filter: Callable[[nn.Module], FilterFn] = default_filter
+                    ) -> Callable[[RegimeHandler], RegimeHandler]:
+    """Register ``fn(module, fqn, state, config)`` that makes one layer compressible for a regime,
+    plus optional whole-model preparation, the line scope and the default layer filter."""
+
+    def deco(fn: RegimeHandler) -> RegimeHandler:
+        _REGIMES[config_type] = _Regime(fn, prepare, is_line, default_filter)
+        return fn
+
+    return deco
+
+
+@register_regime(UnstructuredConfig)
+def _add_topk(module: nn.Module, fqn: str, state: SubspaceState, config: UnstructuredConfig) -> None:
+    parametrize.register_parametrization(module, "weight", TopK(state))
+
+
+def _slim_everything(model: nn.Module, state: SubspaceState, config: StructuredConfig, compressed: set[str]) -> None:
+    for fqn, m in model.named_modules():
+        if fqn in compressed:
+            c_out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            if math.floor(c_out * config.w_min + 0.5) < 1:
+                raise LcsError(f"w_min={config.w_min:g} leaves layer {fqn!r} ({c_out} output channels) with zero "
+                               f"channels: raise w_min to at least {0.5 / c_out:.3g}")
+        if isinstance(m, LINEAR_TYPES + NORM_TYPES):
+            make_slim(m, state, scale_out=fqn in compressed)
+
+
+def _structured_line(module: nn.Module, config: StructuredConfig) -> bool:
+    return config.line_scope == "all" or isinstance(module, NORM_TYPES)
+
+
+@register_regime(StructuredConfig, prepare=_slim_everything, is_line=_structured_line,
+                 default_filter=all_but_classifier)
+def _width_follows(module: nn.Module, fqn: str, state: SubspaceState, config: StructuredConfig) -> None:
+    """Nothing per layer: ``make_slim`` already made compressing layers follow the width."""
 
 
 def _line_init(module: nn.Module, name: str, line_init: str) -> str:
@@ -80,6 +132,7 @@ class Subspace:
         self.state = state
         self.compressed = compressed
         self.lines = lines
+        self.input_shape: tuple[int, ...] | None = None  # (C, H, W): sizes physically slim networks
 
     # -- α ---------------------------------------------------------------------------------------
     @property
@@ -120,16 +173,17 @@ class Subspace:
     def _module(self, fqn: str) -> nn.Module:
         return self.model.get_submodule(fqn)
 
-    def line_pairs(self, which: str = "compressed") -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(θ₀, θ₁) of line tensors: ``"compressed"`` = weights of compressing layers (the
-        regularizer's scope for sparsity and quantization), ``"all"`` = every line tensor."""
+    def regularized_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(θ₀, θ₁) that the cos² regularizer sees: the compressing layers' weights, plus every
+        norm parameter for regimes whose lines include norms (structured, SPEC §2)."""
         compressed = set(self.compressed)
         pairs = []
         for fqn, name in self.lines:
-            if which == "compressed" and not (fqn in compressed and name == "weight"):
-                continue
-            plist = self._module(fqn).parametrizations[name]
-            pairs.append((plist.original0, plist.original1))
+            module = self._module(fqn)
+            if (fqn in compressed and name == "weight") or (self.config.regularize_norms
+                                                            and isinstance(module, NORM_TYPES)):
+                plist = module.parametrizations[name]
+                pairs.append((plist.original0, plist.original1))
         return pairs
 
     def compressed_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -162,28 +216,29 @@ def convert(model: nn.Module, config: RegimeConfig, *, filter_fn: FilterFn | Non
         >>> sub.set_alpha(0.1)
         0.1
     """
-    handler = _REGIME_HANDLERS.get(type(config))
-    if handler is None:
+    regime = _REGIMES.get(type(config))
+    if regime is None:
         raise LcsError(f"no regime registered for {type(config).__name__}")
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise LcsError("model is already converted (it has parametrizations)")
     state = SubspaceState(alpha=config.alpha_range[1], level=config.level_max)
+    chosen = filter_fn or regime.default_filter(model)
+    compressed = [fqn for fqn, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and chosen(m, fqn)]
+    if not compressed:
+        raise LcsError("no layer was selected for compression: check filter_fn")
+    if regime.prepare is not None:
+        regime.prepare(model, state, config, set(compressed))
     lines: list[tuple[str, str]] = []
     if config.geometry == "line":
         for fqn, module in model.named_modules():
-            if not isinstance(module, LINEAR_TYPES + NORM_TYPES):
+            if not isinstance(module, LINEAR_TYPES + NORM_TYPES) or not regime.is_line(module, config):
                 continue
             for name in ("weight", "bias"):
                 if isinstance(getattr(module, name, None), nn.Parameter):
                     init = _line_init(module, name, config.line_init)
                     parametrize.register_parametrization(module, name, Line(state, init))
                     lines.append((fqn, name))
-    chosen = filter_fn or default_filter(model)
-    compressed = []
-    for fqn, module in model.named_modules():
-        if isinstance(module, LINEAR_TYPES) and chosen(module, fqn):
-            handler(module, fqn, state, config)
-            compressed.append(fqn)
-    if not compressed:
-        raise LcsError("no layer was selected for compression: check filter_fn")
+    modules = dict(model.named_modules())
+    for fqn in compressed:
+        regime.compress(modules[fqn], fqn, state, config)
     return Subspace(model, config, state, compressed, lines)
