@@ -102,6 +102,17 @@ def test_in_channels_and_initial_logits():
     assert models.create("vgg19_cifar", in_channels=1).features[0].weight.shape == (64, 1, 3, 3)
 
 
+def test_residual_blocks_start_as_identity():
+    m = models.create("resnet18_cifar", num_classes=10, norm="gn")
+    blocks = [b for b in m.modules() if type(b).__name__ == "BasicBlock"]
+    assert len(blocks) == 8 and all(not b.bn2.weight.detach().any() for b in blocks)
+    assert all(bool((b.bn1.weight.detach() == 1).all()) for b in blocks)
+    from lcs.models.resnet import ResNet
+
+    plain = ResNet(num_classes=10, stem="cifar", zero_init_residual=False)
+    assert all(bool((b.bn2.weight.detach() == 1).all()) for b in plain.modules() if type(b).__name__ == "BasicBlock")
+
+
 def test_feature_map_sizes():
     """ImageNet stem: 224 → 56 into stage 1 → 7 into the pool; CIFAR stem keeps 32 → 4."""
     seen = {}

@@ -113,7 +113,7 @@ def load_data(
     pipeline: str = "auto",
     workers: int | None = None,
 ) -> ImageData | StreamData:
-    """Load dataset ``name`` ("digits", "cifar10" or "folder") fully decoded into memory.
+    """Load dataset ``name`` ("digits", "cifar10" or "folder"): decoded into memory, or streamed (big folders).
 
     ``val_fraction`` and ``seed`` pick the seeded, stratified validation split where the dataset has
     none of its own (digits, folder without train/val sub-folders). ``cache_dir`` caches decoded

