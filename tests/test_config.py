@@ -36,7 +36,12 @@ def test_bad_overrides(pair, match):
     (["data.val_fraction=1"], "val_fraction"),
     (["data.name=cifar10"], "needs a folder"),
     (["optim.lr=-1"], "optim.lr"),
-    (["model.norm=ln"], "model.norm"),
+    (["model.norm=xx"], "model.norm"),
+    (["run.amp=fp16"], "run.amp"),
+    (["run.device=tpu"], "run.device"),
+    (["data.pipeline=disk"], "data.pipeline"),
+    (["data.pipeline=stream"], "image folders only"),
+    (["data.workers=-1"], "data.workers"),
 ])
 def test_validation_errors(pairs, match):
     with pytest.raises(LcsError, match=match):
@@ -52,3 +57,14 @@ def test_yaml_unknown_key(tmp_path):
     assert load_config(p).optim.lr == 0.2
     with pytest.raises(LcsError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_device_flags_and_pipeline_keys():
+    cfg = load_config(None, ["run.device=auto", "run.amp=bf16", "run.channels_last=false", "data.name=folder",
+                             "data.root=/data", "data.pipeline=stream", "data.workers=4"])
+    assert (cfg.run.device, cfg.run.amp, cfg.run.channels_last) == ("auto", "bf16", False)
+    assert (cfg.data.pipeline, cfg.data.workers) == ("stream", 4)
+    defaults = load_config()
+    assert (defaults.run.amp, defaults.run.channels_last, defaults.data.pipeline) == (None, None, "auto")
+    assert load_config(None, ["run.amp=none"]).run.amp is None
+    assert load_config(None, ["run.device=cuda:1"]).run.device == "cuda:1"  # checked against the machine later

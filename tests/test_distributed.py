@@ -64,3 +64,49 @@ def test_two_gloo_processes_equal_one(tmp_path, method):
     moved = max(float((v - initial[k]).abs().max()) for k, v in ref.items())
     assert moved > 100 * worst  # training moved the weights far more than the two runs differ
     assert (tmp_path / "ddp" / "metrics.jsonl").read_text().count("\n") == 1  # rank 0 logs once
+
+
+def _stream_cfg(root: str):
+    return load_config(None, OVERRIDES + ["method.name=lcs_p", "data.name=folder", f"data.root={root}",
+                                          "data.pipeline=stream", "data.workers=0", "data.batch_size=8",
+                                          "data.image_size=16"])
+
+
+def _stream_worker(rank: int, world: int, port: int, out: str, root: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from lcs.distributed import shutdown_distributed
+    from lcs.train import Trainer
+
+    trainer = Trainer(_stream_cfg(root), out)
+    trainer.fit()
+    shutdown_distributed(trainer.dist)
+
+
+def test_two_gloo_processes_stream_their_shards_of_a_folder(tmp_path):
+    """Streamed folders (DataLoader, RandomResizedCrop): each rank decodes only its rows of every
+    global batch, and the result equals one process."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 8), ("val", 2)):
+        for c in ("a", "b"):
+            folder = tmp_path / "img" / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                size = (int(rng.integers(20, 50)), int(rng.integers(20, 50)), 3)
+                Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(folder / f"{i}.jpg")
+    from lcs.train import Trainer
+
+    single = Trainer(_stream_cfg(str(tmp_path / "img")), tmp_path / "single")
+    single.fit()
+    mp.start_processes(_stream_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(tmp_path / "img")),
+                       nprocs=2, join=True, start_method="spawn")
+    from safetensors.torch import load_file
+
+    from lcs.checkpoint import latest_checkpoint
+
+    ddp = load_file(latest_checkpoint(tmp_path / "ddp") / "weights.safetensors")
+    worst = max(float((ddp[k] - v).abs().max()) for k, v in single.model.state_dict().items())
+    assert single.step == 2 and worst < 1e-4, worst

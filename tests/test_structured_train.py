@@ -100,7 +100,7 @@ def test_cli_eval_reports_widths_params_and_latency(structured_run, capsys):
     recs = json.loads((structured_run / "eval.json").read_text())["records"]
     assert [r["width"] for r in recs] == pytest.approx([0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0])
     assert all(a["params"] < b["params"] and a["macs"] < b["macs"] and a["bytes"] < b["bytes"]
-               for a, b in zip(recs, recs[1:]))
+               for a, b in zip(recs, recs[1:], strict=False))
     assert all(r["latency_ms_b1"] > 0 for r in recs)
     assert "bn_mean_gap" not in recs[0]  # no BatchNorm in an LCS run
 

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -80,3 +81,65 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path, tiny_digits):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(LcsError, match="corrupted or truncated"):
         Trainer(load_config(None, FAST + ["optim.epochs=1"]), tmp_path / "r", data=tiny_digits, resume=True)
+
+
+def _conv_output_dtypes(trainer: Trainer) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    first = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    return seen
+
+
+def test_bf16_autocast_only_when_asked(tmp_path, tiny_digits):
+    from lcs.data import normalize
+
+    x = normalize(tiny_digits.train.images[:8], tiny_digits.mean, tiny_digits.std)
+    y = tiny_digits.train.labels[:8]
+    plain = Trainer(load_config(None, FAST), tmp_path / "fp32", data=tiny_digits)
+    assert plain.amp is False and plain.channels_last is False  # CPU: both off by default
+    seen = _conv_output_dtypes(plain)
+    plain.train_step(x, y, step=0)
+    assert seen == [torch.float32]
+    amp = Trainer(load_config(None, FAST + ["run.amp=bf16"]), tmp_path / "bf16", data=tiny_digits)
+    seen = _conv_output_dtypes(amp)
+    r = amp.train_step(x, y, step=0)
+    assert seen == [torch.bfloat16] and math.isfinite(r["loss"])
+    assert all(p.dtype == torch.float32 for p in amp.model.parameters())  # master weights stay float32
+    assert abs(r["ce"] - plain.train_step(x, y, step=1)["ce"]) < 0.5  # same model, same data: similar loss
+
+
+def test_channels_last_on_request_computes_the_same(tmp_path, tiny_digits):
+    from lcs.data import normalize
+
+    x = normalize(tiny_digits.train.images[:8], tiny_digits.mean, tiny_digits.std)
+    y = tiny_digits.train.labels[:8]
+    a = Trainer(load_config(None, FAST), tmp_path / "a", data=tiny_digits)
+    b = Trainer(load_config(None, FAST + ["run.channels_last=true"]), tmp_path / "b", data=tiny_digits)
+    stem = next(p for p in b.model.parameters() if p.dim() == 4)
+    assert stem.is_contiguous(memory_format=torch.channels_last)
+    ra, rb = a.train_step(x, y, step=0), b.train_step(x, y, step=0)
+    assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.allclose(va, vb, atol=1e-5), k
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_digits):
+    with pytest.raises(LcsError, match="no CUDA device"):
+        Trainer(load_config(None, FAST + ["run.device=cuda"]), tmp_path / "r", data=tiny_digits)
+    assert Trainer(load_config(None, FAST + ["run.device=auto"]), tmp_path / "auto",
+                   data=tiny_digits).device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_channels_last_training(tmp_path, tiny_digits):
+    cfg = load_config(None, FAST + ["optim.epochs=1", "run.device=cuda", "run.amp=bf16"])
+    trainer = Trainer(cfg, tmp_path / "cuda", data=tiny_digits)
+    assert trainer.device.type == "cuda" and trainer.channels_last and trainer.amp
+    stem = next(p for p in trainer.model.parameters() if p.dim() == 4)
+    assert stem.is_cuda and stem.is_contiguous(memory_format=torch.channels_last)
+    seen = _conv_output_dtypes(trainer)
+    records = trainer.fit()
+    # the training forwards ran in bf16; the evaluations after the epoch run in float32
+    assert seen[:trainer.step] == [torch.bfloat16] * trainer.step and torch.float32 in seen[trainer.step:]
+    assert math.isfinite(records[-1]["train_loss"]) and 0.0 <= records[-1]["val_acc_hi"] <= 1.0

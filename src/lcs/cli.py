@@ -28,7 +28,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     for key, value in (("method.regime", args.regime), ("method.name", args.method), ("model.name", args.model),
                        ("data.name", args.data), ("data.root", args.data_root), ("optim.epochs", args.epochs),
-                       ("run.seed", args.seed), ("data.val_fraction", args.val_fraction)):
+                       ("run.seed", args.seed), ("data.val_fraction", args.val_fraction),
+                       ("run.device", args.device), ("run.amp", args.amp), ("data.workers", args.workers)):
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.no_progress:
@@ -61,11 +62,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .config import apply_overrides
     from .evaluate import default_grid, sweep
     from .report import format_table, plot_bn_gaps, plot_runs
     from .run import arch_meta, load_run, open_data, resolve_device
 
     cfg, sub, _ = load_run(args.run)
+    for key, value in (("run.device", args.device), ("data.workers", args.workers)):
+        if value is not None:  # where and how to evaluate, not what was trained: the run's config is kept
+            cfg = apply_overrides(cfg, [f"{key}={value}"]).validate()
     # Another data set takes its own root (or none, for digits); the run's own data keeps its root.
     data = open_data(cfg, root=args.data_root if args.data else None, name=args.data)
     if data.num_classes != cfg.model.num_classes:
@@ -264,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, help="validation split carved from the training data")
     t.add_argument("--epochs", type=int)
     t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="cpu | cuda | cuda:N | auto (run.device; default cpu)")
+    t.add_argument("--amp", help="none | bf16: bfloat16 autocast for forward + loss (run.amp; default none)")
+    t.add_argument("--workers", type=int, help="DataLoader worker processes per process for streamed folders "
+                   "(data.workers)")
     t.add_argument("--config", help="YAML file with sections data/model/method/optim/run")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=0.1")
     t.add_argument("--out", required=True, help="run directory")
@@ -280,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--latency-batch", default="1,64",
                    help="batch sizes whose CPU latency is measured per α ('' to skip)")
     e.add_argument("--keep", help="LEC runs: comma-separated fractions of channels kept (default 0.25..1.0)")
+    e.add_argument("--device", help="cpu | cuda | cuda:N | auto (default: the run's run.device)")
+    e.add_argument("--workers", type=int, help="DataLoader worker processes for streamed folders")
     e.set_defaults(fn=_cmd_eval)
 
     pl = sp.add_parser("plot", help="overlay the eval curves of several runs")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,10 @@ def default_norm(regime: str, method: str) -> str | None:
     return DEFAULT_NORMS.get((regime, method), DEFAULT_NORMS.get((regime, None)))
 
 
+PIPELINES = ("auto", "memory", "stream")  # = lcs.stream.PIPELINES (not imported: config stays light)
+AMP_MODES = ("bf16",)  # and None (none): no autocast
+
+
 @dataclass
 class DataConfig:
     name: str = "digits"  # digits (embedded) | cifar10 (python batches) | folder (root/<class>/*.jpg)
@@ -44,6 +49,10 @@ class DataConfig:
     batch_size: int = 32  # global batch size
     augment: bool = True  # random crop (pad = size/8) + flip where the data allows
     cache: bool = True  # cache decoded folders in $LCS_CACHE or ~/.cache/lcs (safetensors)
+    # folder: memory (decode once, cache) | stream (DataLoader workers, ImageNet crops) | auto (stream from
+    # image_size 64 on, or when the decoded images would exceed 4 GiB)
+    pipeline: str = "auto"
+    workers: int | None = None  # stream: DataLoader processes per training process; None = min(8, CPUs/process)
 
 
 @dataclass
@@ -84,7 +93,9 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when available)
+    amp: str | None = None  # none | bf16: forward + loss under torch.autocast in bfloat16 (never on by default)
+    channels_last: bool | None = None  # None = on for CUDA, off on CPU
     threads: int | None = None  # torch intra-op threads; None = torch's default
     checkpoint_every: int = 1  # epochs between checkpoints
     keep_checkpoints: int = 2
@@ -156,6 +167,14 @@ class Config:
             if m.target is None:
                 raise LcsError("method 'target' needs a target level: --set method.target=0.1")
             regime.level(m.target)
+        _check(d.pipeline in PIPELINES, "data.pipeline", d.pipeline, f"one of {', '.join(PIPELINES)}")
+        if d.pipeline == "stream" and d.name != "folder":
+            raise LcsError(f"data.pipeline=stream reads image folders only (data.name=folder), not {d.name!r}")
+        _check(d.workers is None or d.workers >= 0, "data.workers", d.workers, ">= 0 (0: decode in-process)")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.run.device) is not None, "run.device", self.run.device,
+               "auto, cpu, cuda or cuda:N")
+        _check(self.run.amp is None or self.run.amp in AMP_MODES, "run.amp", self.run.amp,
+               f"none or {', '.join(AMP_MODES)}")
         _check(self.run.checkpoint_every >= 1, "run.checkpoint_every", self.run.checkpoint_every, ">= 1")
         _check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints", self.run.keep_checkpoints, ">= 1")
         return self

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lcs.errors import LcsError
+from lcs.stream import PIPELINES, StreamData, stream_eval_batches, stream_folder, stream_train_batches, use_stream
 
 __all__ = [
     "DATASETS",
@@ -109,12 +110,16 @@ def load_data(
     seed: int = 0,
     image_size: int = 32,
     cache_dir: str | None = None,
-) -> ImageData:
-    """Load dataset ``name`` ("digits", "cifar10" or "folder") fully decoded into memory.
+    pipeline: str = "auto",
+    workers: int | None = None,
+) -> ImageData | StreamData:
+    """Load dataset ``name`` ("digits", "cifar10" or "folder"): decoded into memory, or streamed (big folders).
 
     ``val_fraction`` and ``seed`` pick the seeded, stratified validation split where the dataset has
     none of its own (digits, folder without train/val sub-folders). ``cache_dir`` caches decoded
     folder data as safetensors, since decoding tens of thousands of JPEGs is the slow part.
+    ``pipeline`` (folders only): "memory", "stream" (a ``StreamData`` decoded per batch by
+    ``workers`` DataLoader processes, ImageNet transforms) or "auto" (see ``lcs.stream.use_stream``).
     """
     key = str(name).strip().lower()
     if key not in DATASETS:
@@ -128,6 +133,11 @@ def load_data(
     if not _is_int(seed):
         raise LcsError(f"seed={seed!r} must be an integer")
     val_fraction, image_size, seed = float(val_fraction), int(image_size), int(seed)
+    if pipeline not in PIPELINES:
+        raise LcsError(f"pipeline={pipeline!r} is invalid: must be one of {', '.join(PIPELINES)}")
+    if key != "folder" and pipeline == "stream":
+        raise LcsError(f"pipeline 'stream' reads image folders only; dataset {key!r} is held in memory "
+                       "(use pipeline auto or memory)")
     if key == "digits":
         if root is not None:
             raise LcsError(f"dataset 'digits' is bundled with scikit-learn and takes no root (got {root!r}); "
@@ -140,7 +150,7 @@ def load_data(
         raise LcsError(f"data root {path} does not exist or is not a folder; check the path")
     if key == "cifar10":
         return _load_cifar10(path, image_size)
-    return _load_folder(path, val_fraction, seed, image_size, cache_dir)
+    return _load_folder(path, val_fraction, seed, image_size, cache_dir, pipeline, workers)
 
 
 def _is_int(value: object) -> bool:
@@ -414,8 +424,8 @@ def _decode_files(paths: list[str], size: int) -> tuple[np.ndarray, list[tuple[i
     return out, failures
 
 
-def _load_folder(root: str, val_fraction: float, seed: int, image_size: int,
-                 cache_dir: str | None) -> ImageData:
+def _load_folder(root: str, val_fraction: float, seed: int, image_size: int, cache_dir: str | None,
+                 pipeline: str = "auto", workers: int | None = None) -> ImageData | StreamData:
     """``root/<class>/*`` (val carved out, seeded and stratified) or ``root/{train,val}/<class>/*``."""
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     presplit = os.path.isdir(train_dir) and os.path.isdir(val_dir)
@@ -446,6 +456,9 @@ def _load_folder(root: str, val_fraction: float, seed: int, image_size: int,
     if len(val_idx) == 0:
         raise LcsError(f"the validation split of {root} is empty; add images or raise val_fraction "
                        f"(now {val_fraction})")
+    if use_stream(pipeline, image_size, len(entries)):
+        return stream_folder(root, classes, [e.path for e in entries], labels_np, train_idx, val_idx, image_size,
+                             workers)
 
     cache_path = key = None
     if cache_dir is not None:
@@ -616,7 +629,7 @@ def crop_and_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip
 
 
 def train_batches(
-    data: ImageData,
+    data: ImageData | StreamData,
     batch_size: int,
     *,
     epoch: int,
@@ -642,6 +655,10 @@ def train_batches(
         raise LcsError(f"start_batch={start_batch!r} must be an integer in [0, {total}]")
     if not _is_int(epoch) or epoch < 0:
         raise LcsError(f"epoch={epoch!r} must be a non-negative integer")
+    if isinstance(data, StreamData):
+        return stream_train_batches(data, int(batch_size), epoch=int(epoch), seed=int(seed),
+                                    start_batch=int(start_batch), rank=int(rank), world_size=int(world_size),
+                                    augment=augment, total=total, device=torch.device(device))
     return _train_iter(data, int(batch_size), int(epoch), int(seed), int(start_batch), int(rank),
                        int(world_size), augment, total, torch.device(device))
 
@@ -664,12 +681,14 @@ def _train_iter(data: ImageData, batch_size: int, epoch: int, seed: int, start_b
         yield normalize(x, data.mean, data.std), y
 
 
-def eval_batches(data: ImageData, split: str = "val", batch_size: int = 256, *,
+def eval_batches(data: ImageData | StreamData, split: str = "val", batch_size: int = 256, *,
                  device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every sample of ``split`` ("train" or "val") in order, normalized, last batch possibly short."""
     if split not in ("train", "val"):
         raise LcsError(f"split={split!r} is not one of 'train', 'val'")
     _check_batch(batch_size, 1)
+    if isinstance(data, StreamData):
+        return stream_eval_batches(data, split, int(batch_size), torch.device(device))
     part: Split = getattr(data, split)
     dev = torch.device(device)
 

@@ -49,9 +49,11 @@ def open_data(cfg: Config, root: str | None = None, name: str | None = None):
     """Load the configured data set (optionally another one, for evaluation)."""
     from .data import load_data
 
-    return load_data(name or cfg.data.name, root if (name or root is not None) else cfg.data.root,
+    key = name or cfg.data.name
+    return load_data(key, root if (name or root is not None) else cfg.data.root,
                      val_fraction=cfg.data.val_fraction, seed=cfg.run.seed, image_size=cfg.data.image_size,
-                     cache_dir=cache_dir() if cfg.data.cache else None)
+                     cache_dir=cache_dir() if cfg.data.cache else None,
+                     pipeline=cfg.data.pipeline if key == "folder" else "auto", workers=cfg.data.workers)
 
 
 def load_run(run_dir: str | os.PathLike) -> tuple[Config, Subspace, dict]:

@@ -48,8 +48,7 @@ class CPreResNet(nn.Module):
     """Depth 9n+2: a 3×3 stem, three stages of n bottlenecks (planes 16, 32, 64; ×4 expansion),
     final norm → ReLU → global average pool → 1×1 conv classifier."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, norm: str = "gn", in_channels: int = 3,
-                 zero_init_residual: bool = False):
+    def __init__(self, depth: int = 20, num_classes: int = 10, norm: str = "gn", in_channels: int = 3):
         super().__init__()
         if (depth - 2) % 9 != 0:
             raise ValueError(f"depth must be 9n+2, got {depth}")
@@ -76,11 +75,6 @@ class CPreResNet(nn.Module):
         # The classifier is the network's fully connected layer: a small init keeps the first
         # logits near zero (Kaiming fan-out with 10 outputs gives initial losses ~7 and stalls GN nets).
         nn.init.normal_(self.classifier.weight, std=0.01)
-        if zero_init_residual:
-            # Each residual branch starts as zero (its last norm's scale is 0), so the initial
-            # network is the stem and the shortcut convs: short runs leave the first plateau sooner.
-            for block in blocks:
-                nn.init.zeros_(block.norm3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(x))
@@ -89,7 +83,5 @@ class CPreResNet(nn.Module):
 
 
 @register_model
-def cpreresnet20(num_classes: int = 10, norm: str = "gn", in_channels: int = 3,
-                 zero_init_residual: bool = False) -> CPreResNet:
-    return CPreResNet(20, num_classes=num_classes, norm=norm, in_channels=in_channels,
-                      zero_init_residual=zero_init_residual)
+def cpreresnet20(num_classes: int = 10, norm: str = "gn", in_channels: int = 3) -> CPreResNet:
+    return CPreResNet(20, num_classes=num_classes, norm=norm, in_channels=in_channels)
