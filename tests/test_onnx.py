@@ -105,3 +105,15 @@ def test_missing_dependencies_are_one_line_errors(tmp_path, monkeypatch):
     with pytest.raises(lcs.LcsError, match=r"lcs\[onnx\]"):
         export_onnx(nn.Conv2d(3, 4, 3), tmp_path / "x.onnx", (3, 8, 8))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_physically_slim_network_exports(tmp_path):
+    sub = lcs.convert(lcs.models.create("cpreresnet20", norm="ln"), lcs.StructuredConfig(geometry="line"))
+    sub.input_shape = (3, 16, 16)
+    plain = lcs.materialize(sub, 0.0)
+    export_onnx(plain, tmp_path / "slim.onnx", (3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(torch.as_tensor(run_onnx(tmp_path / "slim.onnx", x)), plain(x), atol=1e-4)
+    weights = [i for i in onnx.load(str(tmp_path / "slim.onnx")).graph.initializer if i.name.endswith("conv1.weight")]
+    assert weights and all(w.dims[0] <= 16 for w in weights)  # width 0.25: 4, 8 or 16 output channels
