@@ -24,13 +24,13 @@ def _data() -> ImageData:
     return ImageData("synthetic", split, val, [str(i) for i in range(10)], (0.5,) * 3, (0.25,) * 3, 2, True)
 
 
-def _worker(rank: int, world: int, port: int, out: str, method: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, method: list[str]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from lcs.distributed import shutdown_distributed
     from lcs.train import Trainer
 
-    trainer = Trainer(load_config(None, OVERRIDES + [f"method.name={method}"]), out, data=_data())
+    trainer = Trainer(load_config(None, OVERRIDES + method), out, data=_data())
     trainer.fit()
     shutdown_distributed(trainer.dist)
 
@@ -41,11 +41,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["lcs_l", "lcs_p"])
+@pytest.mark.parametrize("method", [["method.name=lcs_l"], ["method.name=lcs_p"],
+                                    ["method.regime=structured", "method.name=lcs_l"]],
+                         ids=["unstructured-lcs_l", "unstructured-lcs_p", "structured-lcs_l"])
 def test_two_gloo_processes_equal_one(tmp_path, method):
     from lcs.train import Trainer
 
-    single = Trainer(load_config(None, OVERRIDES + [f"method.name={method}"]), tmp_path / "single", data=_data())
+    single = Trainer(load_config(None, OVERRIDES + method), tmp_path / "single", data=_data())
     initial = {k: v.clone() for k, v in single.model.state_dict().items()}
     single.fit()
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "ddp"), method), nprocs=2, join=True,
