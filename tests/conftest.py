@@ -23,6 +23,21 @@ def tiny_digits(digits) -> ImageData:
                      digits.std, digits.pad, digits.hflip)
 
 
+def _train_digits_run(out, regime: str, method: str, *extra: str):
+    from lcs.cli import main
+
+    argv = ["train", "--regime", regime, "--method", method, "--data", "digits", "--out", str(out), "--epochs", "1",
+            "--no-progress", "--set", "data.batch_size=128", "--set", "optim.warmup_epochs=0.2", *extra]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_digits_run():
+    """``train_digits_run(out, regime, method, *flags)``: one fast CLI training epoch on digits."""
+    return _train_digits_run
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

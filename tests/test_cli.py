@@ -13,11 +13,8 @@ FAST = ["--epochs", "1", "--no-progress", "--set", "data.batch_size=128", "--set
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "r"
-    assert main(["train", "--regime", "unstructured", "--method", "lcs_l", "--data", "digits", "--out", str(out),
-                 *FAST]) == 0
-    return out
+def run_dir(tmp_path_factory, train_digits_run):
+    return train_digits_run(tmp_path_factory.mktemp("runs") / "r", "unstructured", "lcs_l")
 
 
 def test_eval_writes_table_json_and_plot(run_dir, capsys):

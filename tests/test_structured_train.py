@@ -82,16 +82,9 @@ def test_lec_pruning_is_physical_and_exact_at_full_keep():
         assert torch.allclose(half(x), masked(x), atol=1e-5)
 
 
-CLI_FAST = ["--epochs", "1", "--no-progress", "--val-fraction", "0.5", "--set", "data.batch_size=128",
-            "--set", "optim.warmup_epochs=0.2"]
-
-
 @pytest.fixture(scope="module")
-def structured_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "s"
-    assert main(["train", "--regime", "structured", "--method", "lcs_l", "--data", "digits", "--out", str(out),
-                 *CLI_FAST]) == 0
-    return out
+def structured_run(tmp_path_factory, train_digits_run):
+    return train_digits_run(tmp_path_factory.mktemp("runs") / "s", "structured", "lcs_l", "--val-fraction", "0.5")
 
 
 def test_cli_eval_reports_widths_params_and_latency(structured_run, capsys):
@@ -116,11 +109,9 @@ def test_cli_export_is_slim_and_equal(structured_run, tmp_path, capsys):
     assert plain.blocks[0].conv1.weight.shape[:2] == (4, 4)
 
 
-def test_cli_us_and_lec_report_batchnorm_gaps(tmp_path, capsys):
+def test_cli_us_and_lec_report_batchnorm_gaps(tmp_path, capsys, train_digits_run):
     for method in ("us", "lec"):
-        out = tmp_path / method
-        assert main(["train", "--regime", "structured", "--method", method, "--data", "digits", "--out", str(out),
-                     *CLI_FAST]) == 0
+        out = train_digits_run(tmp_path / method, "structured", method, "--val-fraction", "0.5")
         args = ["eval", str(out), "--latency-batch", ""]
         assert main(args + (["--keep", "0.5,1.0"] if method == "lec" else ["--grid", "0,1"])) == 0
         text = capsys.readouterr().out
