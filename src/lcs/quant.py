@@ -59,21 +59,26 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch
 
 class _FakeQuantize(torch.autograd.Function):
     """``torch.fake_quantize_per_tensor_affine`` with tensor qparams, bit for bit (a test checks
-    values and gradients), in a few in-place passes: on this CPU torch's kernel took 40 ms
-    forward and 76 ms forward + backward on a 4M-element activation, this one 9 ms and 35 ms."""
+    values and gradients), in fewer memory passes: clamping round(x/s) to [−zp, 2^b − 1 − zp]
+    equals clamping the code to [0, 2^b − 1] and subtracting zp, exactly, in float. On this CPU, on a
+    4M-element activation: 27–30 ms forward + backward against torch's 55–69 ms, 16 ms against 44–47 ms
+    forward only."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,  # type: ignore[override]
                 qmax: int) -> torch.Tensor:
-        q = torch.round(x * scale.reciprocal()).add_(zero_point)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward((q >= 0) & (q <= qmax))  # straight through where the code was not clamped
-        return q.clamp_(0, qmax).sub_(zero_point).mul_(scale)
+        r = torch.mul(x, scale.reciprocal()).round_()
+        lo, hi = -zero_point, qmax - zero_point
+        if not ctx.needs_input_grad[0]:
+            return r.clamp_(lo, hi).mul_(scale)
+        y = r.clamp(lo, hi)
+        ctx.save_for_backward(y == r)  # straight through where the code was not clamped
+        return y.mul_(scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad, 0.0), None, None, None  # not grad * mask: no float copy of the mask
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
