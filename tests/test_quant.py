@@ -247,6 +247,8 @@ def test_runtime_equals_subspace(tmp_path, geometry):
     rt.set_alpha(1.0)
     assert all(lq.bits == 3 for lq in layer_quants(net3).values())  # an old network keeps its bits
     assert all(lq.bits == 8 and lq.active for lq in layer_quants(rt.network).values())
+    # the served network is packed like the exported one (what `lcs profile` reports as bytes)
+    assert artifact_bytes(rt.network, META) == artifact_bytes(lcs.materialize(sub, 1.0), META)
 
 
 def test_materialized_network_survives_deepcopy_and_has_no_subspace_state():

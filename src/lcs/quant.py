@@ -28,8 +28,8 @@ from torch.nn.utils import parametrize
 from .errors import LcsError
 from .regimes import BITS_RANGE
 
-__all__ = ["MOMENTUM", "check_bits", "affine_qparams", "fake_quantize", "quantize_codes", "FakeQuant", "LayerQuant",
-           "attach_layer_quant", "layer_quants", "set_activation_quant", "freeze_quantizers"]
+__all__ = ["MOMENTUM", "check_bits", "affine_qparams", "weight_qparams", "fake_quantize", "quantize_codes", "FakeQuant",
+           "LayerQuant", "attach_layer_quant", "layer_quants", "set_activation_quant", "freeze_quantizers"]
 
 MOMENTUM = 0.1  # running min/max of activations (SPEC §1)
 
@@ -55,6 +55,11 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch
     scale = ((hi - lo) / qmax).clamp_min(1e-12)  # an all-zero tensor: any scale, every code is zp
     zero_point = torch.round(-lo / scale).clamp(0, qmax).to(torch.int32)
     return scale, zero_point
+
+
+def weight_qparams(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of a weight tensor: its own range, extended to include 0."""
+    return affine_qparams(*torch.aminmax(w.detach()), bits)
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -101,8 +106,7 @@ class FakeQuant(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         bits = check_bits(self.state.level)
-        lo, hi = torch.aminmax(w.detach())
-        return fake_quantize(w, *affine_qparams(lo, hi, bits), bits)
+        return fake_quantize(w, *weight_qparams(w, bits), bits)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         return w
@@ -230,4 +234,4 @@ def freeze_quantizers(model: nn.Module) -> None:
         lq.bits, lq.state = bits, None
         w = _pre_quant_weight(model.get_submodule(fqn))
         if w is not None:
-            lq.set_weight_qparams(*affine_qparams(*torch.aminmax(w), bits))
+            lq.set_weight_qparams(*weight_qparams(w, bits))
