@@ -1,10 +1,12 @@
 """Quantization: fake quantization, observers, packed export, Runtime, methods and the CLI."""
 
+import copy
 import json
 import math
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import lcs
 import lcs.artifact
@@ -215,7 +217,7 @@ def test_export_equals_fake_quantized_subspace_and_is_packed(tmp_path):
             assert len(torch.unique(w)) <= 2**bits
             with sub.at(a):
                 assert torch.equal(w, sub.model.get_submodule(fqn).weight.detach())  # bit for bit
-        with __import__("safetensors").safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:
             packed = sum(f.get_tensor(f"{fqn}.weight.codes").numel() for fqn in sub.compressed)
         n = sum(sub.model.get_submodule(fqn).weight.numel() for fqn in sub.compressed)
         assert packed == pytest.approx(n * bits / 8, abs=len(sub.compressed))  # b/32 of float32
@@ -252,8 +254,6 @@ def test_runtime_equals_subspace(tmp_path, geometry):
 
 
 def test_materialized_network_survives_deepcopy_and_has_no_subspace_state():
-    import copy
-
     sub = _trained_quant_sub()
     plain = lcs.materialize(sub, 0.0)
     clone = copy.deepcopy(plain)
