@@ -2,11 +2,13 @@
 
 Dense: the plain cPreResNet20 (nn.Conv2d + GroupNorm), SGD, cross-entropy.
 LCS:   the same model converted with ``lcs.convert`` and trained through ``Trainer.train_step``
-       (α sampling, TopK after the warm-up, cos² regularizer): the real training step.
+       (α sampling, TopK after the warm-up, cos² regularizer; quantized: weights and activations
+       fake-quantized, observers updating): the real training step.
 Both run on the same in-memory random batch (no data loading in the timed loop), interleaved in
 rounds so that machine noise hits both alike; the median round is reported.
 
     python benchmarks/train_throughput.py [--batch 128] [--rounds 5] [--steps 6] [--json PATH]
+        [--methods unstructured:lcs_l,quantized:lcs_l,...]
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def dense_runner(batch: tuple[torch.Tensor, torch.Tensor]):
     return step
 
 
-TARGETS = {"unstructured": 0.1}
+TARGETS = {"unstructured": 0.1, "quantized": 4}  # a density; bits
 
 
 def lcs_runner(batch: tuple[torch.Tensor, torch.Tensor], regime: str, method: str, tmp: str):
@@ -59,7 +61,7 @@ def lcs_runner(batch: tuple[torch.Tensor, torch.Tensor], regime: str, method: st
     if method == "target":
         overrides.append(f"method.target={TARGETS[regime]}")
     trainer = Trainer(load_config(None, overrides), Path(tmp) / f"{regime}-{method}", data=data)
-    # Time the steady state, after the warm-up, when compression is active at every step.
+    # Time the steady state, after the warm-up, when compression (and activation quantization) is active.
     base = round(trainer.cfg.method.warmup * trainer.total_steps) + 1
     x, y = batch
 
@@ -81,7 +83,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=6, help="training steps per round and contestant")
-    ap.add_argument("--methods", default="unstructured:lcs_l,unstructured:lcs_p,unstructured:target")
+    ap.add_argument("--methods", default="unstructured:lcs_l,unstructured:lcs_p,unstructured:target,quantized:lcs_l",
+                    help="regime:method pairs (quantized: lcs_l, lcs_p, target)")
     ap.add_argument("--json", default="benchmarks/results/train_throughput.json")
     args = ap.parse_args()
 

@@ -18,13 +18,13 @@ from .artifact import load_compressed, save_compressed
 from .controller import BudgetController
 from .errors import LcsError
 from .materialize import materialize
-from .regimes import StructuredConfig, UnstructuredConfig
+from .regimes import QuantizedConfig, StructuredConfig, UnstructuredConfig
 from .runtime import Runtime, load_subspace, save_subspace
 from .subspace import Subspace, convert
 
-__all__ = ["models", "convert", "Subspace", "UnstructuredConfig", "StructuredConfig", "materialize", "save_compressed",
-           "load_compressed", "Runtime", "save_subspace", "load_subspace", "BudgetController", "LcsError",
-           "Trainer", "load_config", "Config"]
+__all__ = ["models", "convert", "Subspace", "UnstructuredConfig", "StructuredConfig", "QuantizedConfig", "materialize",
+           "save_compressed", "load_compressed", "Runtime", "save_subspace", "load_subspace", "BudgetController",
+           "LcsError", "Trainer", "load_config", "Config"]
 __version__ = "0.1.0"
 
 

@@ -6,7 +6,13 @@ no training code. Nothing is pickled: tensors in safetensors, everything else in
 Encodings, chosen per tensor by size:
   * ``dense``: the tensor as is;
   * ``bitmap``: a packed 1-bit occupancy mask (n/8 bytes) plus the nonzero values (4 bytes each);
-    smaller than dense whenever more than 1/32 of the entries are zero.
+    smaller than dense whenever more than 1/32 of the entries are zero;
+  * ``packed_int``: the weights of a quantized layer as b-bit integer codes packed back to back
+    (⌈n·b/8⌉ bytes) plus the tensor's scale and zero point; the value is (code − zp)·scale,
+    bit for bit what fake quantization computed.
+
+Quantized networks also list their quantizing layers and bits in the header (``"quant"``), so
+the loader can give those layers back their input quantizers (``lcs.quant.LayerQuant``).
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .errors import LcsError
+from .quant import LayerQuant, attach_layer_quant, check_bits, layer_quants, quantize_codes
 
 __all__ = ["FORMAT", "encode_state", "artifact_bytes", "save_compressed", "load_compressed", "pack_bits",
-           "unpack_bits", "read_metadata"]
+           "unpack_bits", "pack_ints", "unpack_ints", "read_metadata"]
 
 FORMAT = "lcs.compressed"
 VERSION = 1
@@ -46,6 +53,51 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.flatten()[:numel]
 
 
+_CHUNK = 1 << 20  # codes per chunk: a whole number of bytes for every b, bounded temporary memory
+
+
+def pack_ints(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers in [0, 2^bits) → uint8 tensor of ⌈n·bits/8⌉ bytes: each code's bits, most
+    significant first, back to back (``pack_bits`` of the codes' bit planes)."""
+    check_bits(bits)
+    flat = codes.detach().flatten().to(torch.int32)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
+        raise LcsError(f"codes must lie in [0, {2**bits - 1}] to be packed in {bits} bits")
+    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.int32)
+    parts = [pack_bits((chunk[:, None] >> shifts) & 1) for chunk in flat.split(_CHUNK)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+
+
+def unpack_ints(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of ``pack_ints``: the first ``numel`` codes as int32."""
+    check_bits(bits)
+    if packed.numel() * 8 < numel * bits:
+        raise LcsError(f"{packed.numel()} bytes cannot hold {numel} codes of {bits} bits")
+    weights = torch.tensor([1 << s for s in range(bits - 1, -1, -1)], dtype=torch.int32)
+    chunk_bytes = _CHUNK * bits // 8
+    parts, left = [], numel
+    for chunk in packed.split(chunk_bytes):
+        n = min(left, _CHUNK)
+        planes = unpack_bits(chunk, n * bits).view(n, bits).to(torch.int32)
+        parts.append((planes * weights).sum(1, dtype=torch.int32))
+        left -= n
+        if left == 0:
+            break
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+
+
+def _encode_packed(name: str, t: torch.Tensor, lq: LayerQuant) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    t = t.detach().cpu().contiguous()
+    bits, scale, zp = lq.current_bits(), lq.weight_scale.cpu(), lq.weight_zero_point.cpu()
+    codes = quantize_codes(t, scale, zp, bits)
+    if not torch.equal((codes - zp).float() * scale, t.float()):  # the weight was fake-quantized with these qparams
+        raise LcsError(f"{name} is not on its {bits}-bit quantization grid: cannot store it as integer codes")
+    info = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "encoding": "packed_int",
+            "bits": bits}
+    return {f"{name}.codes": pack_ints(codes, bits), f"{name}.scale": scale.reshape(1),
+            f"{name}.zero_point": zp.reshape(1)}, info
+
+
 def _encode(name: str, t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     t = t.detach().cpu().contiguous()
     info: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
@@ -64,11 +116,15 @@ def encode_state(model: nn.Module, meta: dict[str, Any] | None = None
     """The tensors and safetensors metadata of a plain model's compressed artifact."""
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, Any] = {}
+    quants = layer_quants(model)
+    packed = {f"{fqn}.weight": lq for fqn, lq in quants.items() if hasattr(lq, "weight_scale")}
     for name, t in model.state_dict().items():
-        enc, info = _encode(name, t)
+        enc, info = _encode_packed(name, t, packed[name]) if name in packed else _encode(name, t)
         tensors.update(enc)
         layout[name] = info
     header = {"format": FORMAT, "version": VERSION, **(meta or {}), "tensors": layout}
+    if quants:
+        header["quant"] = {fqn: lq.current_bits() for fqn, lq in quants.items()}
     return tensors, {"lcs": json.dumps(header)}
 
 
@@ -115,8 +171,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def _decode(path: str, header: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _decode(path: str, header: dict[str, Any]
+            ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The state dict, and the (scale, zero point) of every tensor stored as integer codes."""
     state: dict[str, torch.Tensor] = {}
+    qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         with safe_open(path, framework="pt") as f:
             for name, info in header["tensors"].items():
@@ -129,11 +188,16 @@ def _decode(path: str, header: dict[str, Any]) -> dict[str, torch.Tensor]:
                     dense = values.new_zeros(mask.numel())
                     dense[mask] = values
                     state[name] = dense.view(shape)
+                elif info["encoding"] == "packed_int":
+                    scale, zp = f.get_tensor(f"{name}.scale"), f.get_tensor(f"{name}.zero_point")
+                    codes = unpack_ints(f.get_tensor(f"{name}.codes"), int(info["bits"]), math.prod(shape))
+                    state[name] = ((codes - zp).float() * scale).view(shape).to(getattr(torch, info["dtype"]))
+                    qparams[name] = (scale, zp)
                 else:
                     raise LcsError(f"{path}: unknown tensor encoding {info['encoding']!r}")
-    except (SafetensorError, KeyError, RuntimeError) as e:
+    except (SafetensorError, KeyError, RuntimeError, AttributeError) as e:
         raise LcsError(f"{path}: corrupted artifact ({e})") from None
-    return state
+    return state, qparams
 
 
 def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -156,7 +220,14 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
         if not arch:
             raise LcsError(f"{path} does not name its architecture: pass model=")
         model = models.create(arch["name"], **arch.get("kwargs", {}))
-    state = _decode(path, header)
+    state, qparams = _decode(path, header)
+    for fqn, bits in (header.get("quant") or {}).items():  # quantized: input quantizers, then their buffers
+        try:
+            lq = attach_layer_quant(model.get_submodule(fqn), bits=check_bits(bits))
+        except AttributeError:
+            raise LcsError(f"{path} quantizes a layer {fqn!r} the architecture does not have") from None
+        if f"{fqn}.weight" in qparams:
+            lq.set_weight_qparams(*qparams[f"{fqn}.weight"])  # so that the loaded network can be saved again
     if header.get("regime") == "structured":  # physically slim: shrink the full-width layers first
         from .slim import resize_to_shapes
 

@@ -76,8 +76,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if data.num_classes != cfg.model.num_classes:
         raise LcsError(f"the evaluation data has {data.num_classes} classes, the run {cfg.model.num_classes}")
     grid = _floats(args.grid) if args.grid else default_grid(sub.config)
-    if cfg.method.name == "target" and not args.grid:
-        grid = [cfg.method.target]
+    if cfg.method.name == "target" and not args.grid:  # quantized targets are bits: their bin's α
+        grid = [sub.config.alpha_of(cfg.method.target) if cfg.method.regime == "quantized" else cfg.method.target]
     device = resolve_device(cfg.run.device)
     sub.model.to(device)
     meta = {"arch": arch_meta(cfg), "regime": cfg.method.regime, "method": cfg.method.name}
@@ -97,7 +97,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, json_path)
     plot_path = json_path.with_suffix(".png")
-    x = "params" if cfg.method.regime == "structured" else "sparsity"
+    x = {"structured": "params", "quantized": "bits"}.get(cfg.method.regime, "sparsity")
     plot_runs([(f"{cfg.method.name} ({cfg.method.regime})", records)], plot_path, x=x)
     written = [json_path, plot_path]
     if any("bn_gaps" in r for r in records):
@@ -125,7 +125,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
                          payload["records"]))
         except (json.JSONDecodeError, KeyError) as e:
             raise LcsError(f"{path} is not an lcs eval file ({e})") from None
-    x = args.x or ("params" if all("width" in r or "keep" in r for _, recs in runs for r in recs) else "sparsity")
+    x = args.x or ("params" if all("width" in r or "keep" in r for _, recs in runs for r in recs)
+                   else "bits" if all("bits" in r for _, recs in runs for r in recs) else "sparsity")
     plot_runs(runs, args.out, x=x)
     print(f"wrote {args.out}")
     return 0
@@ -171,6 +172,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 _PROFILE_COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("width", "width", "{:.3f}"),
+                    ("bits", "bits", "{:d}"),
                     ("switch_ms", "switch ms", "{:.2f}"),
                     ("first_batch_ms", "1st batch ms", "{:.2f}")]
 
@@ -261,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = p.add_subparsers(dest="command", required=True)
 
     t = sp.add_parser("train", help="train a compressible subspace")
-    t.add_argument("--regime", help="unstructured | structured")
-    t.add_argument("--method", help="unstructured: lcs_l | lcs_p | target; structured: lcs_l | lcs_p | us | ns | lec")
+    t.add_argument("--regime", help="unstructured | structured | quantized")
+    t.add_argument("--method", help="unstructured, quantized: lcs_l | lcs_p | target; structured: lcs_l | lcs_p | us | "
+                   "ns | lec")
     t.add_argument("--model", help="a registered model name (default cpreresnet20)")
     t.add_argument("--data", help="digits | cifar10 | folder")
     t.add_argument("--data-root", help="dataset folder for cifar10/folder")
@@ -296,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sp.add_parser("plot", help="overlay the eval curves of several runs")
     pl.add_argument("runs", nargs="+", help="run directories or eval JSON files")
     pl.add_argument("--out", required=True)
-    pl.add_argument("--x", choices=["sparsity", "overall_sparsity", "bytes", "macs", "params", "width"],
+    pl.add_argument("--x", choices=["sparsity", "overall_sparsity", "bytes", "macs", "params", "width", "bits"],
                     help="x axis (default: params for structured runs, sparsity otherwise)")
     pl.set_defaults(fn=_cmd_plot)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import LcsError
-from .regimes import RegimeConfig, StructuredConfig, UnstructuredConfig
+from .regimes import QuantizedConfig, RegimeConfig, StructuredConfig, UnstructuredConfig
 
 __all__ = ["default_norm", "Config", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "RunConfig",
            "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "save_config"]
@@ -29,7 +29,7 @@ DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "folder": 32}
 # InstanceNorm reaches 0.41 where "ln" reaches 0.90, because InstanceNorm → ReLU → global pool erases each
 # channel's magnitude. "in" stays available (model.norm=in).
 DEFAULT_NORMS = {("unstructured", None): "gn", ("structured", None): "ln", ("structured", "us"): "bn",
-                 ("structured", "ns"): "bn", ("structured", "lec"): "bn"}
+                 ("structured", "ns"): "bn", ("structured", "lec"): "bn", ("quantized", None): "gn"}
 
 
 def default_norm(regime: str, method: str) -> str | None:
@@ -64,10 +64,13 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    regime: str = "unstructured"  # unstructured | structured
-    name: str = "lcs_l"  # unstructured: lcs_l | lcs_p | target; structured: lcs_l | lcs_p | us | ns | lec
+    regime: str = "unstructured"  # unstructured | structured | quantized
+    # unstructured, quantized: lcs_l | lcs_p | target; structured: lcs_l | lcs_p | us | ns | lec
+    name: str = "lcs_l"
     d_min: float = 0.025  # unstructured: lowest density of the subspace (97.5 % sparsity)
-    target: float | None = None  # the target level of the 'target' baseline (a density)
+    target: float | None = None  # the target level of the 'target' baseline (a density, or bits when quantized)
+    b_min: int = 3  # quantized: fewest bits of the subspace
+    b_max: int = 8  # quantized: most bits
     w_min: float = 0.25  # structured: narrowest width factor
     w_max: float = 1.0  # structured: widest width factor
     line_scope: str = "norm"  # structured LCS+L: which tensors are lines (norm | all)
@@ -114,6 +117,8 @@ class Config:
         """The regime config that ``lcs.convert`` takes, with the method's geometry."""
         m = self.method
         geometry = "line" if m.name == "lcs_l" else "point"
+        if m.regime == "quantized":
+            return QuantizedConfig(geometry=geometry, b_min=m.b_min, b_max=m.b_max, line_init=m.line_init)
         if m.regime == "structured":
             return StructuredConfig(geometry=geometry, w_min=m.w_min, w_max=m.w_max, line_scope=m.line_scope,
                                     line_init=m.line_init)
@@ -157,7 +162,10 @@ class Config:
                            "would change with the width")
         _check(m.sandwich_random >= 0, "method.sandwich_random", m.sandwich_random, ">= 0")
         _check(m.l1 >= 0, "method.l1", m.l1, ">= 0")
-        regime = self.regime_config()  # validates d_min, widths, line_init
+        if m.regime == "quantized" and self.model.norm == "bn":
+            raise LcsError("quantized subspaces do not support BatchNorm (folding it into the quantized weights is "
+                           "not implemented): use model.norm=gn (the default), ln or in")
+        regime = self.regime_config()  # validates d_min, widths, bits, line_init
         if m.regime == "structured" and m.name == "ns":
             if not m.ns_widths:
                 raise LcsError("method.ns_widths is empty")
@@ -165,8 +173,12 @@ class Config:
                 regime.alpha_of(w)
         if m.name == "target":
             if m.target is None:
-                raise LcsError("method 'target' needs a target level: --set method.target=0.1")
-            regime.level(m.target)
+                raise LcsError("method 'target' needs a target level: --set method.target=0.1 (quantized: bits, "
+                               "e.g. method.target=4)")
+            if isinstance(regime, QuantizedConfig):
+                regime.alpha_of(m.target)
+            else:
+                regime.level(m.target)
         _check(d.pipeline in PIPELINES, "data.pipeline", d.pipeline, f"one of {', '.join(PIPELINES)}")
         if d.pipeline == "stream" and d.name != "folder":
             raise LcsError(f"data.pipeline=stream reads image folders only (data.name=folder), not {d.name!r}")

@@ -12,17 +12,18 @@ from .artifact import artifact_bytes
 from .data import eval_batches
 from .materialize import materialize
 from .profile import measure_latency
-from .regimes import RegimeConfig, StructuredConfig
+from .regimes import QuantizedConfig, RegimeConfig, StructuredConfig
 from .stats import count_macs, count_params, sparsity
 from .subspace import Subspace
 
 __all__ = ["DEFAULT_GRIDS", "default_grid", "sweep", "evaluate_point", "evaluate_accuracy", "norm_stat_gaps",
            "measure_network"]
 
-# In levels (SPEC §4): densities for unstructured (= α), widths for structured.
+# In levels (SPEC §4): densities for unstructured (= α), widths for structured, bits for quantized.
 DEFAULT_GRIDS = {
     "unstructured": [0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0],
     "structured": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
+    "quantized": [3, 4, 5, 6, 7, 8],
 }
 
 
@@ -31,6 +32,8 @@ def default_grid(config: RegimeConfig) -> list[float]:
     levels = DEFAULT_GRIDS.get(config.regime, [1.0])
     if isinstance(config, StructuredConfig):
         return [config.alpha_of(w) for w in levels if config.w_min - 1e-9 <= w <= config.w_max + 1e-9]
+    if isinstance(config, QuantizedConfig):  # the bins' upper edges, where LCS+L trains each bit width
+        return [config.alpha_of(b) for b in range(config.b_min, config.b_max + 1)]
     lo, hi = config.alpha_range
     return [a for a in levels if lo - 1e-9 <= a <= hi + 1e-9]
 

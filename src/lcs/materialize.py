@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import LcsError
+from .quant import freeze_quantizers
 from .slim import channel_plan, is_slim, slim_down
 from .subspace import Subspace
 
@@ -39,6 +40,8 @@ def materialize(sub: Subspace, alpha: float, input_shape: tuple[int, ...] | None
     """A deep copy of the model with θ(α) compressed by f(·, γ(α)) baked in: ordinary Conv2d /
     Linear / norm modules, scriptable and exportable. The subspace itself is left untouched.
 
+    Quantized subspaces keep each quantizing layer's input quantizer (``lcs.quant.LayerQuant``,
+    bits fixed at γ(α)); their weights are the fake-quantized values, on the grid.
     Structured subspaces come out physically slim (fewer channels); sizing them takes one forward
     pass on zeros of ``input_shape`` (C, H, W), by default ``sub.input_shape``.
 
@@ -47,6 +50,7 @@ def materialize(sub: Subspace, alpha: float, input_shape: tuple[int, ...] | None
     """
     with sub.at(alpha):
         plain = copy.deepcopy(sub.model)  # its copied SubspaceState keeps α after the context exits
+    freeze_quantizers(plain)  # quantized: fixed bits, and the weights' scale/zero point for the packed export
     plain = strip_parametrizations(plain).eval()
     if any(is_slim(m) for m in plain.modules()):
         shape = input_shape or sub.input_shape

@@ -18,11 +18,11 @@ import torch
 
 from .errors import LcsError
 from .ops import cos2
-from .regimes import RegimeConfig
+from .regimes import QuantizedConfig, RegimeConfig
 from .subspace import NORM_TYPES, Subspace
 
 __all__ = ["BiasedEndpointSampler", "UniformSampler", "FixedSampler", "SandwichSampler", "ListSampler",
-           "DecayFromMax", "HoldMax", "Method", "METHODS", "build_method", "cos2_term", "norm_l1_term"]
+           "ChoiceSampler", "DecayFromMax", "HoldMax", "Method", "METHODS", "build_method", "cos2_term", "norm_l1_term"]
 
 
 def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
@@ -89,6 +89,17 @@ class ListSampler:
 
 
 @dataclass(frozen=True)
+class ChoiceSampler:
+    """One α of a fixed list per step, uniformly (quantization: the bins' upper edges k/n, i.e. a
+    uniformly random bit width)."""
+
+    alphas: tuple[float, ...]
+
+    def __call__(self, step: int, gen: torch.Generator) -> list[float]:
+        return [self.alphas[int(torch.randint(len(self.alphas), (), generator=gen))]]
+
+
+@dataclass(frozen=True)
 class DecayFromMax:
     """level = γ + (γ_max − γ)·max(0, 1 − t/T_w): compression fades in over the warm-up (SPEC §2,
     TopK warm-up). Returns None after the warm-up, meaning plain γ(α)."""
@@ -127,11 +138,15 @@ def cos2_term(sub: Subspace) -> torch.Tensor:
 
 @dataclass
 class Method:
+    """``act_quant_start``: the step from which activations are quantized (quantization's
+    activation delay, SPEC §2); None for methods that quantize no activations."""
+
     name: str
     geometry: str
     sampler: Callable[[int, torch.Generator], list[float]]
     schedule: Callable[[float, int], float] = _identity_schedule
     terms: dict[str, tuple[float, LossTerm]] = field(default_factory=dict)
+    act_quant_start: int | None = None
 
 
 def _lcs_l(m: MethodSettings, regime: RegimeConfig, total_steps: int) -> Method:
@@ -178,6 +193,33 @@ def _target(m: MethodSettings, regime: RegimeConfig, total_steps: int) -> Method
                   DecayFromMax(round(m.warmup * total_steps), regime.level_max))
 
 
+def _bin_edges(regime: QuantizedConfig) -> tuple[float, ...]:
+    return tuple(regime.alpha_of(b) for b in range(regime.b_min, regime.b_max + 1))
+
+
+def _quant_lcs_l(m: MethodSettings, regime: QuantizedConfig, total_steps: int) -> Method:
+    """α on the bins' upper edges (a uniform bit width), weights quantized from the first step,
+    activations after the warm-up; + cos²."""
+    return Method("lcs_l", "line", ChoiceSampler(_bin_edges(regime)),
+                  terms={"cos2": (m.beta, cos2_term)} if m.beta > 0 else {},
+                  act_quant_start=round(m.warmup * total_steps))
+
+
+def _quant_lcs_p(m: MethodSettings, regime: QuantizedConfig, total_steps: int) -> Method:
+    """b_max during the warm-up, then a uniformly random bit width per step."""
+    warmup = round(m.warmup * total_steps)
+    return Method("lcs_p", "point", ChoiceSampler(_bin_edges(regime)), HoldMax(warmup, regime.level_max),
+                  act_quant_start=warmup)
+
+
+def _bit_target(m: MethodSettings, regime: QuantizedConfig, total_steps: int) -> Method:
+    """One network at the fixed bit width ``method.target``."""
+    if m.target is None:
+        raise LcsError("method 'target' needs a target bit width: --set method.target=4")
+    return Method("target", "point", FixedSampler(regime.alpha_of(m.target)),
+                  act_quant_start=round(m.warmup * total_steps))
+
+
 class MethodSettings:
     """The fields of ``config.MethodConfig`` a builder reads (kept structural to avoid a cycle)."""
 
@@ -194,6 +236,7 @@ METHODS: dict[str, dict[str, Callable[..., Method]]] = {
     "unstructured": {"lcs_l": _lcs_l, "lcs_p": _lcs_p, "target": _target},
     "structured": {"lcs_l": _sandwich("lcs_l", "line"), "lcs_p": _sandwich("lcs_p", "point"),
                    "us": _sandwich("us", "point"), "ns": _ns, "lec": _lec},
+    "quantized": {"lcs_l": _quant_lcs_l, "lcs_p": _quant_lcs_p, "target": _bit_target},
 }
 
 

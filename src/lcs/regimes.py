@@ -13,10 +13,11 @@ from typing import ClassVar
 
 from .errors import LcsError
 
-__all__ = ["RegimeConfig", "UnstructuredConfig", "StructuredConfig", "GEOMETRIES", "REGIMES", "check_alpha",
-           "regime_to_dict", "regime_from_dict"]
+__all__ = ["RegimeConfig", "UnstructuredConfig", "StructuredConfig", "QuantizedConfig", "GEOMETRIES", "REGIMES",
+           "BITS_RANGE", "check_alpha", "regime_to_dict", "regime_from_dict"]
 
 GEOMETRIES = ("line", "point")
+BITS_RANGE = (2, 16)  # what the quantized regime's fake quantization and packed export support
 
 
 def check_alpha(alpha: float, lo: float = 0.0, hi: float = 1.0) -> float:
@@ -147,7 +148,58 @@ class StructuredConfig(RegimeConfig):
         return 1.0 if span == 0 else min(max((width - self.w_min) / span, 0.0), 1.0)
 
 
-REGIMES: dict[str, type[RegimeConfig]] = {"unstructured": UnstructuredConfig, "structured": StructuredConfig}
+@dataclass(frozen=True)
+class QuantizedConfig(RegimeConfig):
+    """Quantization: α is cut into n = b_max − b_min + 1 equal bins, bin i → b_min + i bits (SPEC §1).
+
+    The bins are closed on the right, ((i/n, (i+1)/n], with α = 0 in the first), so the bins' upper
+    edges k/n, k = 1..n, which LCS+L trains on (SPEC §2), are exactly b_min … b_max and α = 1 is
+    b_max. (Left-closed bins would send the edge k/n to the next bin and never train b_min.)
+    Weights of the compressing layers and the activations entering them are fake-quantized to b bits
+    (``lcs.quant``).
+
+    Example:
+        >>> QuantizedConfig().level(0.5), QuantizedConfig().level(1.0), QuantizedConfig().alpha_of(3)
+        (5, 8, 0.16666666666666666)
+    """
+
+    b_min: int = 3
+    b_max: int = 8
+
+    regime: ClassVar[str] = "quantized"
+    level_name: ClassVar[str] = "bits"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("b_min", "b_max"):
+            b = getattr(self, name)
+            if isinstance(b, bool) or not isinstance(b, int) or not (BITS_RANGE[0] <= b <= BITS_RANGE[1]):
+                raise LcsError(f"{name} must be a whole number of bits in [{BITS_RANGE[0]}, {BITS_RANGE[1]}], "
+                               f"got {b!r}")
+        if self.b_min > self.b_max:
+            raise LcsError(f"the bit range is empty: b_min={self.b_min} > b_max={self.b_max}")
+
+    @property
+    def num_levels(self) -> int:
+        return self.b_max - self.b_min + 1
+
+    @property
+    def level_max(self) -> float:
+        return self.b_max
+
+    def level(self, alpha: float) -> int:
+        a = check_alpha(alpha, *self.alpha_range)
+        return self.b_min + max(0, math.ceil(round(a * self.num_levels, 9)) - 1)
+
+    def alpha_of(self, bits: float) -> float:
+        """The upper edge of the bin of ``bits``: the α that LCS+L trains for that bit width."""
+        if bits != int(bits) or not (self.b_min <= bits <= self.b_max):
+            raise LcsError(f"bits={bits!r} is outside the subspace's bit range {self.b_min}..{self.b_max}")
+        return (int(bits) - self.b_min + 1) / self.num_levels
+
+
+REGIMES: dict[str, type[RegimeConfig]] = {"unstructured": UnstructuredConfig, "structured": StructuredConfig,
+                                          "quantized": QuantizedConfig}
 
 
 def regime_to_dict(config: RegimeConfig) -> dict:

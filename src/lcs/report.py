@@ -9,7 +9,7 @@ from typing import Any
 __all__ = ["format_table", "plot_runs", "plot_bn_gaps", "plot_profile", "plot_adapt"]
 
 _COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("width", "width", "{:.3f}"),
-            ("keep", "keep", "{:.3f}"), ("accuracy", "accuracy", "{:.4f}"),
+            ("bits", "bits", "{:d}"), ("keep", "keep", "{:.3f}"), ("accuracy", "accuracy", "{:.4f}"),
             ("loss", "loss", "{:.3f}"), ("sparsity", "sparsity", "{:.3f}"),
             ("overall_sparsity", "overall", "{:.3f}"), ("params", "params", "{:,}"),
             ("nonzero_params", "nonzero", "{:,}"), ("macs", "MACs", "{:,}"), ("bytes", "bytes", "{:,}"),
@@ -40,7 +40,7 @@ def plot_runs(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str | 
     for label, records in runs:
         pts = sorted((r[x], r["accuracy"]) for r in records)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=label)
-    ax.set_xlabel({"sparsity": "sparsity of compressed layers", "bytes": "artifact bytes",
+    ax.set_xlabel({"sparsity": "sparsity of compressed layers", "bytes": "artifact bytes", "bits": "bits",
                    "params": "parameters of the compressed network"}.get(x, x))
     if x in ("params", "bytes", "macs"):
         ax.set_xscale("log")

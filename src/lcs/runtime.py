@@ -26,6 +26,7 @@ from torch import nn
 from .artifact import read_metadata
 from .errors import LcsError
 from .materialize import strip_parametrizations
+from .quant import FakeQuant, freeze_quantizers, layer_quants, weight_qparams
 from .regimes import regime_from_dict, regime_to_dict
 from .slim import channel_plan, is_slim, slim_down, width_channels
 from .subspace import Subspace, convert
@@ -111,6 +112,8 @@ class Runtime:
         self.header = header
         self._lock = threading.Lock()
         self._template = strip_parametrizations(copy.deepcopy(sub.model)).eval()
+        freeze_quantizers(self._template)  # input quantizers: bits set per network in set_alpha
+        self._quant_layers = [f"{fqn}.lcs_quant" for fqn in layer_quants(self._template)]
         for p in self._template.parameters():
             p.requires_grad_(False)
         # (fqn, tensor name, originals, chain of parametrizations): evaluated directly in set_alpha,
@@ -182,10 +185,18 @@ class Runtime:
             net = _share_structure(self._template)
             modules = dict(net.named_modules())
             for fqn, name, originals, chain in self._baked:
-                value = chain[0].forward(*originals)
-                for p in chain[1:]:
+                # a point's first parametrization takes its one original; a line combines two
+                if len(originals) == 1:
+                    value, rest = originals[0], chain
+                else:
+                    value, rest = chain[0].forward(*originals), chain[1:]
+                for p in rest:
+                    if isinstance(p, FakeQuant):  # the weight's scale/zero point, for the packed export
+                        modules[fqn].lcs_quant.set_weight_qparams(*weight_qparams(value, int(level)))
                     value = p.forward(value)
                 modules[fqn]._parameters[name] = nn.Parameter(value, requires_grad=False)
+            for fqn in self._quant_layers:  # each network's own copy: a running request keeps its bits
+                modules[fqn].bits = int(level)
             if self._slim_state is not None:
                 slim_down(net, self._plan(level))
             self._current = (self._sub.alpha, level, net)  # one assignment: readers see old or new

@@ -18,7 +18,8 @@ from torch.nn.utils import parametrize
 
 from .errors import LcsError
 from .parametrizations import Line, SubspaceState, TopK
-from .regimes import RegimeConfig, StructuredConfig, UnstructuredConfig, check_alpha
+from .quant import FakeQuant, attach_layer_quant
+from .regimes import QuantizedConfig, RegimeConfig, StructuredConfig, UnstructuredConfig, check_alpha
 from .slim import make_slim
 
 __all__ = ["Subspace", "convert", "register_regime", "default_filter", "all_but_classifier", "LINEAR_TYPES",
@@ -105,6 +106,21 @@ def _structured_line(module: nn.Module, config: StructuredConfig) -> bool:
                  default_filter=all_but_classifier)
 def _width_follows(module: nn.Module, fqn: str, state: SubspaceState, config: StructuredConfig) -> None:
     """Nothing per layer: ``make_slim`` already made compressing layers follow the width."""
+
+
+def _refuse_batchnorm(model: nn.Module, state: SubspaceState, config: QuantizedConfig, compressed: set[str]) -> None:
+    bns = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        raise LcsError(f"quantized subspaces do not support BatchNorm ({bns[0]!r} and {len(bns) - 1} more): folding "
+                       f"its scale into the quantized weights is not implemented, and its running statistics would "
+                       f"be right at one bit width only; use GroupNorm (model.norm=gn, the default) or ln/in")
+
+
+@register_regime(QuantizedConfig, prepare=_refuse_batchnorm)
+def _add_fake_quant(module: nn.Module, fqn: str, state: SubspaceState, config: QuantizedConfig) -> None:
+    """Weights fake-quantized after the line; the layer's input quantized by a running-range observer."""
+    parametrize.register_parametrization(module, "weight", FakeQuant(state))
+    attach_layer_quant(module, state)
 
 
 def _line_init(module: nn.Module, name: str, line_init: str) -> str:

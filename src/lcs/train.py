@@ -23,6 +23,7 @@ from .distributed import init_distributed
 from .errors import LcsError
 from .evaluate import evaluate_accuracy
 from .methods import Method, build_method
+from .quant import set_activation_quant
 from .run import build_subspace, open_data, resolve_device
 from .subspace import Subspace
 
@@ -95,6 +96,7 @@ class Trainer:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                    weight_decay=cfg.optim.weight_decay)
         self.step = 0
+        self._act_quant: bool | None = None  # activation quantization as last switched (None: not yet)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -112,6 +114,11 @@ class Trainer:
         alphas = self.method.sampler(step, gen)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, self.total_steps, self.warmup_steps, self.cfg.optim.lr)
+        if self.method.act_quant_start is not None:  # switched on once, after the warm-up (SPEC §2)
+            on = step >= self.method.act_quant_start
+            if on != self._act_quant:
+                set_activation_quant(self.model, on)
+                self._act_quant = on
         self.opt.zero_grad(set_to_none=True)
         ce_sum = torch.zeros((), device=self.device)
         correct = 0

@@ -1,0 +1,237 @@
+"""Quantization: per-tensor affine fake quantization of weights and of the activations entering
+each quantizing layer (SPEC §1).
+
+* Weights: ``FakeQuant``, a parametrization chained after ``Line`` (like ``TopK``), quantizes
+  θ(α) to b = ``state.level`` bits over [min(θ, 0), max(θ, 0)]: the range always holds 0 and the
+  zero point is an integer, so 0 is exactly representable (padding and pruned weights stay 0).
+* Activations: ``LayerQuant``, a child ``lcs_quant`` of each quantizing layer run by a forward
+  pre-hook, quantizes the layer's input over a running min/max (momentum 0.1). The trainer
+  switches it on after the warm-up; it observes in training mode and is frozen in eval mode.
+  Its range and on/off switch are buffers, so checkpoints and artifacts carry them.
+
+Scale and zero point stay tensors: no ``.item()`` host round trip in the forward pass. The
+gradient is the straight-through estimator: the identity inside the representable range, 0
+outside (``fake_quantize`` computes exactly what ``torch.fake_quantize_per_tensor_affine`` does,
+faster).
+
+Deploy side: imports only torch (``lcs.load_compressed`` and ``lcs.Runtime`` use it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import LcsError
+from .regimes import BITS_RANGE
+
+__all__ = ["MOMENTUM", "check_bits", "affine_qparams", "weight_qparams", "fake_quantize", "quantize_codes", "FakeQuant",
+           "LayerQuant", "attach_layer_quant", "layer_quants", "set_activation_quant", "freeze_quantizers"]
+
+MOMENTUM = 0.1  # running min/max of activations (SPEC §1)
+
+
+def check_bits(level: float) -> int:
+    """A compression level as a whole number of bits in [2, 16]."""
+    bits = int(level)
+    if bits != level or not (BITS_RANGE[0] <= bits <= BITS_RANGE[1]):
+        raise LcsError(f"quantization needs a whole number of bits in [{BITS_RANGE[0]}, {BITS_RANGE[1]}], "
+                       f"got {level!r}")
+    return bits
+
+
+def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of b-bit unsigned affine quantization over [min(lo, 0), max(hi, 0)].
+
+    Including 0 in the range and rounding the zero point to an integer makes 0 exactly
+    representable: code ``zero_point`` dequantizes to (zp − zp)·scale = 0.
+    """
+    qmax = 2**bits - 1
+    lo = lo.detach().float().clamp(max=0.0)
+    hi = hi.detach().float().clamp(min=0.0)
+    scale = ((hi - lo) / qmax).clamp_min(1e-12)  # an all-zero tensor: any scale, every code is zp
+    zero_point = torch.round(-lo / scale).clamp(0, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def weight_qparams(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of a weight tensor: its own range, extended to include 0."""
+    return affine_qparams(*torch.aminmax(w.detach()), bits)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """``torch.fake_quantize_per_tensor_affine`` with tensor qparams, bit for bit (a test checks
+    values and gradients), in fewer memory passes: clamping round(x/s) to [−zp, 2^b − 1 − zp]
+    equals clamping the code to [0, 2^b − 1] and subtracting zp, exactly, in float. On this CPU, on a
+    4M-element activation: 27–30 ms forward + backward against torch's 55–69 ms, 16 ms against 44–47 ms
+    forward only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,  # type: ignore[override]
+                qmax: int) -> torch.Tensor:
+        r = torch.mul(x, scale.reciprocal()).round_()
+        lo, hi = -zero_point, qmax - zero_point
+        if not ctx.needs_input_grad[0]:
+            return r.clamp_(lo, hi).mul_(scale)
+        y = r.clamp(lo, hi)
+        ctx.save_for_backward(y == r)  # straight through where the code was not clamped
+        return y.mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad, 0.0), None, None, None  # not grad * mask: no float copy of the mask
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize to b-bit codes and dequantize: (clamp(round(x/s) + zp, 0, 2^b − 1) − zp)·s, with the
+    straight-through gradient (identity where the code was not clamped, 0 where it was)."""
+    return _FakeQuantize.apply(x, scale, zero_point.to(scale.dtype), 2**bits - 1)
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer codes (int32) of ``x`` under (scale, zero point): what the packed export stores."""
+    return (torch.round(x.float() / scale) + zero_point).clamp(0, 2**bits - 1).to(torch.int32)
+
+
+class FakeQuant(nn.Module):
+    """Weight parametrization: per-tensor affine fake quantization to ``state.level`` bits."""
+
+    def __init__(self, state: Any):
+        super().__init__()
+        self.state = state
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        bits = check_bits(self.state.level)
+        return fake_quantize(w, *weight_qparams(w, bits), bits)
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+
+class LayerQuant(nn.Module):
+    """The activation quantizer of one layer (its child ``lcs_quant``), run on the layer's input.
+
+    Buffers (saved in state_dict): ``act_lo``/``act_hi``, the running range; ``act_observed``,
+    whether the range holds data yet (the first batch sets it, later ones average with momentum
+    0.1, as torch's moving-average observers do); ``act_active``, the on/off switch, mirrored in
+    the plain attribute ``active`` so the forward pass never reads a tensor on the host.
+
+    Bits: ``bits`` when set (plain networks, fixed at materialization), else ``state.level`` (the
+    subspace's shared state). A plain network also records its weight's ``weight_scale`` and
+    ``weight_zero_point`` (non-persistent buffers) so that ``lcs.save_compressed`` can store the
+    weight as integer codes.
+    """
+
+    def __init__(self, state: Any = None, bits: int | None = None, momentum: float = MOMENTUM):
+        super().__init__()
+        if state is None and bits is None:
+            raise LcsError("LayerQuant needs the subspace state or fixed bits")
+        self.state = state
+        self.bits = bits
+        self.momentum = momentum
+        self.active = False
+        self.register_buffer("act_lo", torch.zeros(()))
+        self.register_buffer("act_hi", torch.zeros(()))
+        self.register_buffer("act_observed", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("act_active", torch.zeros((), dtype=torch.bool))
+
+    def current_bits(self) -> int:
+        return check_bits(self.bits if self.bits is not None else self.state.level)
+
+    def set_active(self, on: bool) -> None:
+        self.active = bool(on)
+        self.act_active.fill_(self.active)
+
+    def set_weight_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.register_buffer("weight_scale", scale.detach().float().reshape(()).clone(), persistent=False)
+        self.register_buffer("weight_zero_point", zero_point.detach().to(torch.int32).reshape(()).clone(),
+                             persistent=False)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        lo, hi = torch.aminmax(x.detach())
+        lo, hi = lo.float(), hi.float()
+        m = self.momentum
+        self.act_lo.copy_(torch.where(self.act_observed, self.act_lo + m * (lo - self.act_lo), lo))
+        self.act_hi.copy_(torch.where(self.act_observed, self.act_hi + m * (hi - self.act_hi), hi))
+        self.act_observed.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        if self.training:
+            self._observe(x)
+        bits = self.current_bits()
+        y = fake_quantize(x.float(), *affine_qparams(self.act_lo, self.act_hi, bits), bits)
+        return y.to(x.dtype)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.active = bool(self.act_active)  # once per load, not per forward
+
+    def extra_repr(self) -> str:
+        bits = self.bits if self.bits is not None else "level"
+        return f"bits={bits}, active={self.active}, momentum={self.momentum}"
+
+
+def _quantize_input(module: nn.Module, args: tuple) -> tuple:
+    # A module-level function (not a closure or bound method): copies of the layer (deepcopy,
+    # Runtime's shared-structure copies) run their own ``lcs_quant``.
+    return (module.lcs_quant(args[0]), *args[1:])
+
+
+def attach_layer_quant(module: nn.Module, state: Any = None, bits: int | None = None) -> LayerQuant:
+    """Give ``module`` an input quantizer (child ``lcs_quant`` + forward pre-hook)."""
+    if "lcs_quant" in module._modules:
+        raise LcsError(f"{type(module).__name__} already has an input quantizer")
+    lq = LayerQuant(state, bits)
+    module.lcs_quant = lq
+    module.register_forward_pre_hook(_quantize_input)
+    return lq
+
+
+def layer_quants(model: nn.Module) -> dict[str, LayerQuant]:
+    """Fully qualified layer name → its LayerQuant, for every quantizing layer."""
+    return {fqn: m._modules["lcs_quant"] for fqn, m in model.named_modules()
+            if isinstance(m._modules.get("lcs_quant"), LayerQuant)}
+
+
+def set_activation_quant(model: nn.Module, on: bool) -> int:
+    """Switch activation quantization on or off in every quantizing layer; returns how many."""
+    quants = layer_quants(model)
+    for lq in quants.values():
+        lq.set_active(on)
+    return len(quants)
+
+
+def _pre_quant_weight(module: nn.Module) -> torch.Tensor | None:
+    """θ(α) before the weight's FakeQuant, or None when the weight is not fake-quantized."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    plist = module.parametrizations["weight"]
+    chain = list(plist)
+    if not isinstance(chain[-1], FakeQuant):
+        return None
+    originals = [getattr(plist, n) for n in ("original0", "original1") if hasattr(plist, n)] or [plist.original]
+    value = chain[0].forward(*originals) if len(chain) > 1 else originals[0]
+    for p in chain[1:-1]:
+        value = p.forward(value)
+    return value
+
+
+@torch.no_grad()
+def freeze_quantizers(model: nn.Module) -> None:
+    """Fix every quantizing layer's bits at the model's current level and drop its reference to
+    the subspace state; record each fake-quantized weight's scale and zero point, computed as
+    ``FakeQuant`` does, for the packed export. Call on a (deep-copied) parametrized model before
+    its parametrizations are stripped (``lcs.materialize`` does)."""
+    for fqn, lq in layer_quants(model).items():
+        bits = lq.current_bits()
+        lq.bits, lq.state = bits, None
+        w = _pre_quant_weight(model.get_submodule(fqn))
+        if w is not None:
+            lq.set_weight_qparams(*weight_qparams(w, bits))
