@@ -55,8 +55,8 @@ def main() -> None:
         print(f"{name:>10}: {s[name]['over_budget']:.1%} over budget overall, "
               f"{s[name]['over_budget_under_load']:.1%} under load, mean α {s[name]['mean_alpha']:.3f}")
     if s["controller"]["infeasible_requests"]:
-        print(f"no α met the budget for {s['controller']['infeasible_requests']} requests: "
-              f"this regime's latency does not fall with α on this device")
+        print(f"no α met the budget for {s['controller']['infeasible_requests']} requests at the measured load "
+              f"(the controller served the most efficient α)")
     out = {k: v for k, v in result.items() if k != "traces"}
     out.update({"regime": rt.regime, "unloaded_ms": unloaded, "profile": profile})
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
