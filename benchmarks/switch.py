@@ -23,8 +23,9 @@ import lcs
 from lcs.regimes import REGIMES
 from lcs.runtime import Runtime, save_subspace
 
-ALPHAS = {"unstructured": [0.025, 0.1, 0.5, 1.0], "structured": [0.0, 0.25, 0.5, 1.0]}
-NORMS = {"unstructured": "gn", "structured": "ln"}
+ALPHAS = {"unstructured": [0.025, 0.1, 0.5, 1.0], "structured": [0.0, 0.25, 0.5, 1.0],
+          "quantized": [1 / 6, 0.5, 5 / 6, 1.0]}
+NORMS = {"unstructured": "gn", "structured": "ln", "quantized": "gn"}
 
 
 def bench(regime: str, geometry: str, repeats: int, batch: int, tmp: str) -> dict:
