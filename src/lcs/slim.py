@@ -172,6 +172,12 @@ def _narrow(module: nn.Module, k_in: int, k_out: int, params: dict[str, torch.Te
     channels whose tensors are contiguous slices of ``params`` (its current full tensors)."""
     module.__class__ = _PLAIN_OF[type(module)]
     del module.__dict__["lcs_slim"]
+    _set_size(module, k_in, k_out, params)
+
+
+def _set_size(module: nn.Module, k_in: int, k_out: int, params: dict[str, torch.Tensor]) -> None:
+    """Give a plain Conv2d / Linear / norm k_in → k_out channels: its size attributes, and new
+    tensor dicts holding contiguous slices of ``params``."""
     module._parameters = dict(module._parameters)
     module._buffers = dict(module._buffers)
     if isinstance(module, nn.Conv2d):
@@ -223,7 +229,5 @@ def resize_to_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Modul
             continue
         empty = {n: (torch.empty(shapes[prefix + n]) if prefix + n in shapes else t)
                  for n, t in {**m._parameters, **m._buffers}.items() if t is not None and t.dim() > 0}
-        m.__class__ = _slim_class(type(m))
-        m.lcs_slim = _SlimState(None, True)
-        _narrow(m, k_in, k_out, {n: t for n, t in empty.items()})
+        _set_size(m, k_in, k_out, empty)
     return model
