@@ -63,7 +63,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .config import apply_overrides
-    from .evaluate import default_grid, sweep
+    from .evaluate import DEFAULT_GRIDS, default_grid, sweep
     from .report import format_table, plot_bn_gaps, plot_runs
     from .run import arch_meta, load_run, open_data, resolve_device
 
@@ -85,7 +85,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if cfg.method.name == "lec":
         from .prune import sweep_keep
 
-        keeps = _floats(args.keep) if args.keep else [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+        keeps = _floats(args.keep) if args.keep else DEFAULT_GRIDS["structured"]  # kept fractions, like widths
         records = sweep_keep(sub, keeps, data, device, meta, latency)
     else:
         records = sweep(sub, grid, data, device, meta, latency)
