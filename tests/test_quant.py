@@ -50,16 +50,12 @@ def test_config_keys_and_errors():
         load_config(None, ["method.regime=quantized", "method.b_max=20"])
     with pytest.raises(LcsError, match="empty"):
         load_config(None, ["method.regime=quantized", "method.b_min=8", "method.b_max=4"])
-    with pytest.raises(LcsError, match="BatchNorm"):
-        load_config(None, ["method.regime=quantized", "model.norm=bn"])
     with pytest.raises(LcsError, match="target bit width|target level"):
         load_config(None, ["method.regime=quantized", "method.name=target"])
     with pytest.raises(LcsError, match="outside"):
         load_config(None, ["method.regime=quantized", "method.name=target", "method.target=9"])
     with pytest.raises(LcsError, match="outside"):
         load_config(None, ["method.regime=quantized", "method.name=target", "method.target=4.5"])
-    with pytest.raises(LcsError, match="BatchNorm"):
-        lcs.convert(lcs.models.create("cpreresnet20", norm="bn"), QuantizedConfig())
 
 
 # -- fake quantization -------------------------------------------------------------------------------

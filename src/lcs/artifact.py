@@ -12,7 +12,8 @@ Encodings, chosen per tensor by size:
     bit for bit what fake quantization computed.
 
 Quantized networks also list their quantizing layers and bits in the header (``"quant"``), so
-the loader can give those layers back their input quantizers (``lcs.quant.LayerQuant``).
+the loader can give those layers back their input quantizers (``lcs.quant.LayerQuant``), and the
+BatchNorms merged into quantized convs (``"bn_folded"``), so it can drop them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .errors import LcsError
-from .quant import LayerQuant, attach_layer_quant, check_bits, layer_quants, quantize_codes
+from .quant import LayerQuant, attach_layer_quant, check_bits, folded_structure, layer_quants, quantize_codes
 
 __all__ = ["FORMAT", "encode_state", "artifact_bytes", "save_compressed", "load_compressed", "pack_bits",
            "unpack_bits", "pack_ints", "unpack_ints", "read_metadata"]
@@ -125,6 +126,8 @@ def encode_state(model: nn.Module, meta: dict[str, Any] | None = None
     header = {"format": FORMAT, "version": VERSION, **(meta or {}), "tensors": layout}
     if quants:
         header["quant"] = {fqn: lq.current_bits() for fqn, lq in quants.items()}
+    if model.__dict__.get("lcs_bn_folded"):
+        header["bn_folded"] = model.__dict__["lcs_bn_folded"]  # conv → BN merged into it (now Identity)
     return tensors, {"lcs": json.dumps(header)}
 
 
@@ -221,6 +224,10 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
             raise LcsError(f"{path} does not name its architecture: pass model=")
         model = models.create(arch["name"], **arch.get("kwargs", {}))
     state, qparams = _decode(path, header)
+    try:
+        folded_structure(model, header.get("bn_folded") or {})  # quantized with BN: BN merged into convs
+    except AttributeError:
+        raise LcsError(f"{path} folds BatchNorm layers the architecture does not have") from None
     for fqn, bits in (header.get("quant") or {}).items():  # quantized: input quantizers, then their buffers
         try:
             lq = attach_layer_quant(model.get_submodule(fqn), bits=check_bits(bits))

@@ -162,9 +162,6 @@ class Config:
                            "would change with the width")
         _check(m.sandwich_random >= 0, "method.sandwich_random", m.sandwich_random, ">= 0")
         _check(m.l1 >= 0, "method.l1", m.l1, ">= 0")
-        if m.regime == "quantized" and self.model.norm == "bn":
-            raise LcsError("quantized subspaces do not support BatchNorm (folding it into the quantized weights is "
-                           "not implemented): use model.norm=gn (the default), ln or in")
         regime = self.regime_config()  # validates d_min, widths, bits, line_init
         if m.regime == "structured" and m.name == "ns":
             if not m.ns_widths:

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import LcsError
-from .quant import freeze_quantizers
+from .quant import fold_batchnorm, freeze_quantizers
 from .slim import channel_plan, is_slim, slim_down
 from .subspace import Subspace
 
@@ -41,7 +41,8 @@ def materialize(sub: Subspace, alpha: float, input_shape: tuple[int, ...] | None
     Linear / norm modules, scriptable and exportable. The subspace itself is left untouched.
 
     Quantized subspaces keep each quantizing layer's input quantizer (``lcs.quant.LayerQuant``,
-    bits fixed at γ(α)); their weights are the fake-quantized values, on the grid.
+    bits fixed at γ(α)); their weights are the fake-quantized values, on the grid. A BatchNorm folded
+    into a quantized conv is merged into that conv's bias and replaced by ``nn.Identity``.
     Structured subspaces come out physically slim (fewer channels); sizing them takes one forward
     pass on zeros of ``input_shape`` (C, H, W), by default ``sub.input_shape``.
 
@@ -51,7 +52,7 @@ def materialize(sub: Subspace, alpha: float, input_shape: tuple[int, ...] | None
     with sub.at(alpha):
         plain = copy.deepcopy(sub.model)  # its copied SubspaceState keeps α after the context exits
     freeze_quantizers(plain)  # quantized: fixed bits, and the weights' scale/zero point for the packed export
-    plain = strip_parametrizations(plain).eval()
+    plain = fold_batchnorm(strip_parametrizations(plain)).eval()  # quantized with BN: BN merged into the conv
     if any(is_slim(m) for m in plain.modules()):
         shape = input_shape or sub.input_shape
         if shape is None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LcsError
+from .graph import is_plain_conv, norms_after_convs, trace
 from .subspace import NORM_TYPES, Subspace
 
 __all__ = ["PrunableNorm", "prunable_norms", "prune_by_norm_scale", "sweep_keep"]
@@ -41,30 +42,17 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
-def _is_plain_conv(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d) and modules[node.target].groups == 1
-
-
 def prunable_norms(model: nn.Module) -> list[PrunableNorm]:
     """The norm layers whose channels can be removed physically (see the module docstring)."""
-    try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception as e:  # noqa: BLE001 - any tracing failure means: cannot analyse this model
-        raise LcsError(f"LEC pruning needs a torch.fx-traceable model ({type(e).__name__}: {e})") from None
-    modules = dict(model.named_modules())
+    graph, modules = trace(model, "LEC pruning")
     found = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], NORM_TYPES):
-            continue
-        producer = node.args[0]
-        if not (isinstance(producer, fx.Node) and _is_plain_conv(producer, modules) and len(producer.users) == 1):
-            continue
+    for producer, node in norms_after_convs(graph, modules, NORM_TYPES):
         consumers, frontier, ok = [], list(node.users), True
         while frontier and ok:
             user = frontier.pop()
             if _is_relu(user, modules):
                 frontier.extend(user.users)
-            elif _is_plain_conv(user, modules):
+            elif is_plain_conv(user, modules):
                 consumers.append(user.target)
             else:
                 ok = False

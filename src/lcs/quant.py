@@ -9,6 +9,13 @@ each quantizing layer (SPEC §1).
   switches it on after the warm-up; it observes in training mode and is frozen in eval mode.
   Its range and on/off switch are buffers, so checkpoints and artifacts carry them.
 
+* BatchNorm: a conv whose output only a BatchNorm reads has the BN's scale folded into its weight
+  *before* quantizing, as quantization-aware training does (Jacob et al. 2018; torch.ao's
+  ``ConvBn2d``): the conv computes with fq(θ·s), s = γ/√(running_var + ε), and the BN's input is
+  unscaled by 1/s (a forward pre-hook), so the BN still normalizes with batch statistics in
+  training and its running statistics stay in the unfolded domain. ``fold_batchnorm`` then merges
+  the BN into the conv's bias for deployment: the quantized grid is the one the deployed conv uses.
+
 Scale and zero point stay tensors: no ``.item()`` host round trip in the forward pass. The
 gradient is the straight-through estimator: the identity inside the representable range, 0
 outside (``fake_quantize`` computes exactly what ``torch.fake_quantize_per_tensor_affine`` does,
@@ -29,7 +36,8 @@ from .errors import LcsError
 from .regimes import BITS_RANGE
 
 __all__ = ["MOMENTUM", "check_bits", "affine_qparams", "weight_qparams", "fake_quantize", "quantize_codes", "FakeQuant",
-           "LayerQuant", "attach_layer_quant", "layer_quants", "set_activation_quant", "freeze_quantizers"]
+           "LayerQuant", "attach_layer_quant", "layer_quants", "set_activation_quant", "freeze_quantizers",
+           "bn_fold_scale", "prepare_bn_folding", "fold_batchnorm", "folded_structure"]
 
 MOMENTUM = 0.1  # running min/max of activations (SPEC §1)
 
@@ -97,15 +105,33 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return (torch.round(x.float() / scale) + zero_point).clamp(0, 2**bits - 1).to(torch.int32)
 
 
-class FakeQuant(nn.Module):
-    """Weight parametrization: per-tensor affine fake quantization to ``state.level`` bits."""
+def bn_fold_scale(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """s = γ/√(running_var + ε): the per-channel factor a BatchNorm in eval mode multiplies its
+    input by. A zero γ is nudged to 1e-12 so that unscaling by 1/s stays finite."""
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return torch.where(s.abs() < 1e-12, torch.full_like(s, 1e-12), s)
 
-    def __init__(self, state: Any):
+
+def _per_out_channel(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return s.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class FakeQuant(nn.Module):
+    """Weight parametrization: per-tensor affine fake quantization to ``state.level`` bits, of the
+    weight times its BatchNorm's scale when a BN is folded into this layer (``fold``)."""
+
+    def __init__(self, state: Any, fold: nn.Module | None = None):
         super().__init__()
         self.state = state
+        object.__setattr__(self, "fold", fold)  # a reference, not a child: the BN is the model's own
+
+    def prescale(self, w: torch.Tensor) -> torch.Tensor:
+        """The tensor that gets quantized: θ, or θ·s with a folded BatchNorm."""
+        return w if self.fold is None else w * _per_out_channel(bn_fold_scale(self.fold), w)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         bits = check_bits(self.state.level)
+        w = self.prescale(w)
         return fake_quantize(w, *weight_qparams(w, bits), bits)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
@@ -220,7 +246,7 @@ def _pre_quant_weight(module: nn.Module) -> torch.Tensor | None:
     value = chain[0].forward(*originals) if len(chain) > 1 else originals[0]
     for p in chain[1:-1]:
         value = p.forward(value)
-    return value
+    return chain[-1].prescale(value)
 
 
 @torch.no_grad()
@@ -235,3 +261,71 @@ def freeze_quantizers(model: nn.Module) -> None:
         w = _pre_quant_weight(model.get_submodule(fqn))
         if w is not None:
             lq.set_weight_qparams(*weight_qparams(w, bits))
+
+
+def _unscale_input(bn: nn.Module, args: tuple) -> tuple:
+    # The folded conv computed with θ·s: divide by s so the BN sees (and tracks) the unfolded output.
+    x = args[0]
+    return (x / bn_fold_scale(bn).reshape(1, -1, *([1] * (x.dim() - 2))), *args[1:])
+
+
+def prepare_bn_folding(model: nn.Module, compressed: set[str]) -> dict[str, str]:
+    """Find each quantizing conv whose output only a BatchNorm reads; give that BN the unscaling
+    pre-hook and mark the conv (``lcs_fold_bn``) so its ``FakeQuant`` folds the BN's scale.
+    Records and returns {conv: bn} as ``model.lcs_bn_folds``. BNs elsewhere stay as they are."""
+    from .graph import norms_after_convs, trace
+
+    bns = (nn.BatchNorm2d,)
+    if not any(isinstance(m, bns) for m in model.modules()):
+        return {}
+    graph, modules = trace(model, "folding BatchNorm into quantized convs")
+    folds = {}
+    for conv, norm in norms_after_convs(graph, modules, bns):
+        bn = modules[norm.target]
+        if conv.target not in compressed:
+            continue
+        if not (bn.affine and bn.track_running_stats):
+            raise LcsError(f"cannot fold {norm.target!r} into {conv.target!r}: it needs affine=True and running "
+                           f"statistics")
+        modules[conv.target].__dict__["lcs_fold_bn"] = bn
+        bn.register_forward_pre_hook(_unscale_input)
+        folds[conv.target] = norm.target
+    model.__dict__["lcs_bn_folds"] = folds
+    return folds
+
+
+def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent, _, name = fqn.rpartition(".")
+    model.get_submodule(parent)._modules[name] = new
+
+
+def folded_structure(model: nn.Module, folds: dict[str, str]) -> nn.Module:
+    """The layout of a folded network, without values: each folded BN becomes ``nn.Identity`` and
+    its conv gains a bias. The loader calls this on a fresh model before loading its weights."""
+    for conv_fqn, bn_fqn in folds.items():
+        conv = model.get_submodule(conv_fqn)
+        if conv.bias is None:
+            conv._parameters["bias"] = nn.Parameter(conv.weight.new_zeros(conv.weight.shape[0]))
+        _replace(model, bn_fqn, nn.Identity())
+    model.__dict__["lcs_bn_folded"] = dict(folds)
+    return model
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Merge each folded BatchNorm into its conv, in place, on a plain network whose conv weights
+    already hold fq(θ·s) (``materialize`` and ``Runtime`` bake them): in eval mode
+    BN(conv(x, W)/s + b) = conv(x, W) + β + s·(b − μ), so the conv gets that bias and the BN goes.
+    Modules are replaced in their parents' dicts and parameter dicts, never mutated, so networks
+    that share structure with this one (``Runtime``'s copies) are untouched."""
+    folds = model.__dict__.pop("lcs_bn_folds", None)
+    if not folds:
+        return model
+    for conv_fqn, bn_fqn in folds.items():
+        conv, bn = model.get_submodule(conv_fqn), model.get_submodule(bn_fqn)
+        s = bn_fold_scale(bn)
+        b = conv.bias if conv.bias is not None else torch.zeros_like(s)
+        conv._parameters = {**conv._parameters, "bias": nn.Parameter(bn.bias + s * (b - bn.running_mean),
+                                                                      requires_grad=False)}
+        conv.__dict__.pop("lcs_fold_bn", None)
+    return folded_structure(model, folds)

@@ -26,7 +26,7 @@ from torch import nn
 from .artifact import read_metadata
 from .errors import LcsError
 from .materialize import strip_parametrizations
-from .quant import FakeQuant, freeze_quantizers, layer_quants, weight_qparams
+from .quant import FakeQuant, fold_batchnorm, freeze_quantizers, layer_quants, weight_qparams
 from .regimes import regime_from_dict, regime_to_dict
 from .slim import channel_plan, is_slim, slim_down, width_channels
 from .subspace import Subspace, convert
@@ -192,11 +192,12 @@ class Runtime:
                     value, rest = chain[0].forward(*originals), chain[1:]
                 for p in rest:
                     if isinstance(p, FakeQuant):  # the weight's scale/zero point, for the packed export
-                        modules[fqn].lcs_quant.set_weight_qparams(*weight_qparams(value, int(level)))
+                        modules[fqn].lcs_quant.set_weight_qparams(*weight_qparams(p.prescale(value), int(level)))
                     value = p.forward(value)
                 modules[fqn]._parameters[name] = nn.Parameter(value, requires_grad=False)
             for fqn in self._quant_layers:  # each network's own copy: a running request keeps its bits
                 modules[fqn].bits = int(level)
+            fold_batchnorm(net)  # quantized with BN: merge each folded BN into its conv
             if self._slim_state is not None:
                 slim_down(net, self._plan(level))
             self._current = (self._sub.alpha, level, net)  # one assignment: readers see old or new

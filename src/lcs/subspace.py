@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from .errors import LcsError
 from .parametrizations import Line, SubspaceState, TopK
-from .quant import FakeQuant, attach_layer_quant
+from .quant import FakeQuant, attach_layer_quant, prepare_bn_folding
 from .regimes import QuantizedConfig, RegimeConfig, StructuredConfig, UnstructuredConfig, check_alpha
 from .slim import make_slim
 
@@ -108,18 +108,15 @@ def _width_follows(module: nn.Module, fqn: str, state: SubspaceState, config: St
     """Nothing per layer: ``make_slim`` already made compressing layers follow the width."""
 
 
-def _refuse_batchnorm(model: nn.Module, state: SubspaceState, config: QuantizedConfig, compressed: set[str]) -> None:
-    bns = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if bns:
-        raise LcsError(f"quantized subspaces do not support BatchNorm ({bns[0]!r} and {len(bns) - 1} more): folding "
-                       f"its scale into the quantized weights is not implemented, and its running statistics would "
-                       f"be right at one bit width only; use GroupNorm (model.norm=gn, the default) or ln/in")
+def _fold_batchnorm(model: nn.Module, state: SubspaceState, config: QuantizedConfig, compressed: set[str]) -> None:
+    prepare_bn_folding(model, compressed)
 
 
-@register_regime(QuantizedConfig, prepare=_refuse_batchnorm)
+@register_regime(QuantizedConfig, prepare=_fold_batchnorm)
 def _add_fake_quant(module: nn.Module, fqn: str, state: SubspaceState, config: QuantizedConfig) -> None:
-    """Weights fake-quantized after the line; the layer's input quantized by a running-range observer."""
-    parametrize.register_parametrization(module, "weight", FakeQuant(state))
+    """Weights (times the scale of a BatchNorm folded into the layer) fake-quantized after the line;
+    the layer's input quantized by a running-range observer."""
+    parametrize.register_parametrization(module, "weight", FakeQuant(state, fold=module.__dict__.get("lcs_fold_bn")))
     attach_layer_quant(module, state)
 
 
