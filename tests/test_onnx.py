@@ -117,3 +117,22 @@ def test_physically_slim_network_exports(tmp_path):
         assert torch.allclose(torch.as_tensor(run_onnx(tmp_path / "slim.onnx", x)), plain(x), atol=1e-4)
     weights = [i for i in onnx.load(str(tmp_path / "slim.onnx")).graph.initializer if i.name.endswith("conv1.weight")]
     assert weights and all(w.dims[0] <= 16 for w in weights)  # width 0.25: 4, 8 or 16 output channels
+
+
+def test_quantized_network_with_folded_bn_exports(tmp_path):
+    """A 4-bit network (BN folded into the quantized convs, activations fake-quantized by their
+    observers) runs in onnxruntime as in PyTorch: Round is round-half-to-even in both."""
+    from lcs.quant import set_activation_quant
+
+    torch.manual_seed(0)
+    sub = lcs.convert(lcs.models.create("cpreresnet20", norm="bn"), lcs.QuantizedConfig())
+    set_activation_quant(sub.model, True)
+    sub.model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            sub.model(torch.randn(8, 3, 16, 16))
+    plain = lcs.materialize(sub, sub.config.alpha_of(4))
+    export_onnx(plain, tmp_path / "q.onnx", (3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(torch.as_tensor(run_onnx(tmp_path / "q.onnx", x)), plain(x), atol=1e-4)

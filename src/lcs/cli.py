@@ -160,7 +160,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from .onnx_export import export_onnx
 
         size = export_onnx(plain, args.out, (3, cfg.data.image_size, cfg.data.image_size))
-        note = " (ONNX stores unstructured zeros densely)"
+        note = {"unstructured": " (ONNX stores unstructured zeros densely)",
+                "quantized": " (ONNX holds the weights as dequantized float32 and fake-quantizes activations "
+                             "with elementwise ops; the packed .safetensors artifact is the small one)"
+                }.get(sub.config.regime, "")
     else:
         from .artifact import save_compressed
 
