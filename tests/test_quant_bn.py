@@ -149,3 +149,15 @@ def test_bn_quantized_run_trains_from_the_cli(tmp_path, capsys):
     assert len(header["bn_folded"]) == 12
     loaded = lcs.load_compressed(tmp_path / "a.safetensors")
     assert all(lq.bits == 3 for lq in layer_quants(loaded).values())
+
+
+def test_lcs_with_bn_warns_that_running_statistics_are_shared():
+    from lcs.config import load_config
+
+    with pytest.warns(UserWarning, match="running statistics"):
+        load_config(None, ["method.regime=quantized", "model.norm=bn"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, ["method.regime=quantized", "model.norm=bn", "method.name=target", "method.target=4"])
