@@ -151,13 +151,46 @@ def test_bn_quantized_run_trains_from_the_cli(tmp_path, capsys):
     assert all(lq.bits == 3 for lq in layer_quants(loaded).values())
 
 
-def test_lcs_with_bn_warns_that_running_statistics_are_shared():
+def test_each_bit_width_keeps_its_own_bn_statistics(tmp_path):
+    """BN statistics per bit width: a batch at 3 bits updates only the 3-bit row; eval at 3 bits
+    uses it; the exported 3-bit network carries exactly that row; the state dict holds all rows."""
+    torch.manual_seed(0)
+    sub = lcs.convert(lcs.models.create("cpreresnet20", **ARCH["kwargs"]), QuantizedConfig())
+    bn = sub.model.get_submodule("blocks.0.norm1")  # not folded: reads the stem's output
+    assert bn.lcs_running_mean.shape == (6, bn.num_features)
+    keys = sub.model.state_dict().keys()
+    assert "blocks.0.norm1.lcs_running_mean" in keys and "blocks.0.norm1.running_mean" not in keys
+    sub.model.train()
+    with torch.no_grad(), sub.at(sub.config.alpha_of(3)):
+        sub.model(torch.randn(16, 3, 16, 16) * 3 + 1)
+    moved = (bn.lcs_running_mean != 0).any(1)
+    assert moved.tolist() == [True, False, False, False, False, False]  # only the 3-bit row
+    sub.model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    for bits in (3, 8):
+        a = sub.config.alpha_of(bits)
+        with sub.at(a), torch.no_grad():
+            ref = sub.model(x)
+            assert torch.equal(bn.running_mean, bn.lcs_running_mean[bits - 3])
+        plain = lcs.materialize(sub, a)
+        assert torch.equal(plain.get_submodule("blocks.0.norm1").running_mean, bn.lcs_running_mean[bits - 3])
+        assert "blocks.0.norm1.running_mean" in plain.state_dict()
+        assert not any(k.endswith("lcs_running_mean") for k in plain.state_dict())
+        with torch.no_grad():
+            assert torch.allclose(plain(x), ref, atol=1e-5)
+    # the subspace artifact round-trips every row
+    save_subspace(sub, tmp_path / "s.safetensors", ARCH)
+    rt = Runtime.load(tmp_path / "s.safetensors")
+    rt.set_alpha(sub.config.alpha_of(3))
+    with sub.at(sub.config.alpha_of(3)), torch.no_grad():
+        assert torch.allclose(rt(x), sub.model(x), atol=1e-5)
+
+
+def test_target_baseline_keeps_one_set_of_bn_statistics():
     from lcs.config import load_config
 
-    with pytest.warns(UserWarning, match="running statistics"):
-        load_config(None, ["method.regime=quantized", "model.norm=bn"])
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        load_config(None, ["method.regime=quantized", "model.norm=bn", "method.name=target", "method.target=4"])
+    cfg = load_config(None, ["method.regime=quantized", "model.norm=bn", "method.name=target", "method.target=4"])
+    assert cfg.regime_config().bn_stats_per_bits is False
+    sub = lcs.convert(lcs.models.create("cpreresnet20", **ARCH["kwargs"]), cfg.regime_config())
+    assert "blocks.0.norm1.running_mean" in sub.model.state_dict()
+    assert load_config(None, ["method.regime=quantized", "model.norm=bn"]).regime_config().bn_stats_per_bits

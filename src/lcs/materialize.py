@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import LcsError
-from .quant import fold_batchnorm, freeze_quantizers
+from .quant import fold_batchnorm, freeze_bn_stats, freeze_quantizers
 from .slim import channel_plan, is_slim, slim_down
 from .subspace import Subspace
 
@@ -52,7 +52,8 @@ def materialize(sub: Subspace, alpha: float, input_shape: tuple[int, ...] | None
     with sub.at(alpha):
         plain = copy.deepcopy(sub.model)  # its copied SubspaceState keeps α after the context exits
     freeze_quantizers(plain)  # quantized: fixed bits, and the weights' scale/zero point for the packed export
-    plain = fold_batchnorm(strip_parametrizations(plain)).eval()  # quantized with BN: BN merged into the conv
+    # quantized with BN: each BN keeps the statistics of these bits, then merges into its conv where folded
+    plain = fold_batchnorm(freeze_bn_stats(strip_parametrizations(plain))).eval()
     if any(is_slim(m) for m in plain.modules()):
         shape = input_shape or sub.input_shape
         if shape is None:

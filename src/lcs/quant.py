@@ -15,6 +15,10 @@ each quantizing layer (SPEC §1).
   unscaled by 1/s (a forward pre-hook), so the BN still normalizes with batch statistics in
   training and its running statistics stay in the unfolded domain. ``fold_batchnorm`` then merges
   the BN into the conv's bias for deployment: the quantized grid is the one the deployed conv uses.
+  In a subspace the bits change from step to step (and, on a line, the weights with them), so
+  each BN keeps one set of running statistics per bit width (``prepare_bn_stats``), selected by
+  the current bits, like slimmable networks' switchable BN keeps one per width; the exported
+  network carries the set of its own bits (``freeze_bn_stats``).
 
 Scale and zero point stay tensors: no ``.item()`` host round trip in the forward pass. The
 gradient is the straight-through estimator: the identity inside the representable range, 0
@@ -37,7 +41,8 @@ from .regimes import BITS_RANGE
 
 __all__ = ["MOMENTUM", "check_bits", "affine_qparams", "weight_qparams", "fake_quantize", "quantize_codes", "FakeQuant",
            "LayerQuant", "attach_layer_quant", "layer_quants", "set_activation_quant", "freeze_quantizers",
-           "bn_fold_scale", "prepare_bn_folding", "fold_batchnorm", "folded_structure"]
+           "bn_fold_scale", "prepare_bn_folding", "fold_batchnorm", "folded_structure", "prepare_bn_stats",
+           "select_bn_stats", "freeze_bn_stats"]
 
 MOMENTUM = 0.1  # running min/max of activations (SPEC §1)
 
@@ -138,7 +143,10 @@ class FakeQuant(nn.Module):
 
     def prescale(self, w: torch.Tensor) -> torch.Tensor:
         """The tensor that gets quantized: θ, or θ·s with a folded BatchNorm."""
-        return w if self.fold is None else w * _per_out_channel(bn_fold_scale(self.fold), w)
+        if self.fold is None:
+            return w
+        select_bn_stats(self.fold)  # the conv runs before its BN: use this bit width's statistics now
+        return w * _per_out_channel(bn_fold_scale(self.fold), w)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         bits = check_bits(self.state.level)
@@ -340,3 +348,55 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                                                                       requires_grad=False)}
         conv.__dict__.pop("lcs_fold_bn", None)
     return folded_structure(model, folds)
+
+
+_STATS = ("running_mean", "running_var")
+
+
+def select_bn_stats(bn: nn.Module, *args: Any) -> None:
+    """Point a BN's ``running_mean``/``running_var`` at the rows of its per-bit-width statistics
+    for the current bits (views: BatchNorm's in-place updates land in that row). A forward
+    pre-hook, and called by ``FakeQuant`` for folded BNs; a no-op for BNs without such statistics."""
+    owner = bn.__dict__.get("lcs_bn_bits")
+    if owner is None:
+        return
+    state, b_min = owner
+    row = check_bits(state.level) - b_min
+    for name in _STATS:
+        bn._buffers[name] = bn._buffers[f"lcs_{name}"][row]
+
+
+def prepare_bn_stats(model: nn.Module, state: Any, b_min: int, b_max: int) -> int:
+    """Give every BatchNorm with running statistics one set per bit width in [b_min, b_max]:
+    buffers ``lcs_running_mean``/``lcs_running_var`` of shape (bit widths, C), saved in the state
+    dict in place of ``running_mean``/``running_var`` (which become views of the current row).
+    Returns how many BNs."""
+    n = 0
+    for m in model.modules():
+        if not (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats):
+            continue
+        for name in _STATS:
+            m.register_buffer(f"lcs_{name}", getattr(m, name).detach().repeat(b_max - b_min + 1, 1))
+        m._non_persistent_buffers_set = m._non_persistent_buffers_set | set(_STATS)
+        m.__dict__["lcs_bn_bits"] = (state, b_min)
+        m.register_forward_pre_hook(select_bn_stats, prepend=True)  # before a folding BN's unscaling
+        select_bn_stats(m)
+        n += 1
+    return n
+
+
+def freeze_bn_stats(model: nn.Module, bits: int | None = None) -> nn.Module:
+    """Give each BN with per-bit-width statistics the plain ``running_mean``/``running_var`` of
+    ``bits`` (default: its state's current bits) and drop the others, in place, replacing dicts
+    rather than mutating them (``Runtime``'s copies share them with their template)."""
+    for m in model.modules():
+        owner = m.__dict__.get("lcs_bn_bits")
+        if owner is None:
+            continue
+        state, b_min = owner
+        row = check_bits(bits if bits is not None else state.level) - b_min
+        m._buffers = {k: (m._buffers[f"lcs_{k}"][row].clone() if k in _STATS else v)
+                      for k, v in m._buffers.items() if not k.startswith("lcs_")}
+        m._non_persistent_buffers_set = m._non_persistent_buffers_set - set(_STATS)
+        del m.__dict__["lcs_bn_bits"]
+    return model

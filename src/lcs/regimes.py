@@ -156,7 +156,8 @@ class QuantizedConfig(RegimeConfig):
     edges k/n, k = 1..n, which LCS+L trains on (SPEC §2), are exactly b_min … b_max and α = 1 is
     b_max. (Left-closed bins would send the edge k/n to the next bin and never train b_min.)
     Weights of the compressing layers and the activations entering them are fake-quantized to b bits
-    (``lcs.quant``).
+    (``lcs.quant``). ``bn_stats_per_bits``: every BatchNorm keeps one set of running statistics per
+    bit width (the subspaces, whose bits change per step); off for one network at one bit width.
 
     Example:
         >>> QuantizedConfig().level(0.5), QuantizedConfig().level(1.0), QuantizedConfig().alpha_of(3)
@@ -165,6 +166,7 @@ class QuantizedConfig(RegimeConfig):
 
     b_min: int = 3
     b_max: int = 8
+    bn_stats_per_bits: bool = True
 
     regime: ClassVar[str] = "quantized"
     level_name: ClassVar[str] = "bits"
@@ -178,6 +180,8 @@ class QuantizedConfig(RegimeConfig):
                                f"got {b!r}")
         if self.b_min > self.b_max:
             raise LcsError(f"the bit range is empty: b_min={self.b_min} > b_max={self.b_max}")
+        if not isinstance(self.bn_stats_per_bits, bool):
+            raise LcsError(f"bn_stats_per_bits must be true or false, got {self.bn_stats_per_bits!r}")
 
     @property
     def num_levels(self) -> int:

@@ -26,7 +26,7 @@ from torch import nn
 from .artifact import read_metadata
 from .errors import LcsError
 from .materialize import strip_parametrizations
-from .quant import FakeQuant, fold_batchnorm, freeze_quantizers, layer_quants, weight_qparams
+from .quant import FakeQuant, fold_batchnorm, freeze_bn_stats, freeze_quantizers, layer_quants, weight_qparams
 from .regimes import regime_from_dict, regime_to_dict
 from .slim import channel_plan, is_slim, slim_down, width_channels
 from .subspace import Subspace, convert
@@ -197,7 +197,8 @@ class Runtime:
                 modules[fqn]._parameters[name] = nn.Parameter(value, requires_grad=False)
             for fqn in self._quant_layers:  # each network's own copy: a running request keeps its bits
                 modules[fqn].bits = int(level)
-            fold_batchnorm(net)  # quantized with BN: merge each folded BN into its conv
+            if self.regime == "quantized":  # BN: the statistics of these bits, merged into the conv where folded
+                fold_batchnorm(freeze_bn_stats(net, int(level)))
             if self._slim_state is not None:
                 slim_down(net, self._plan(level))
             self._current = (self._sub.alpha, level, net)  # one assignment: readers see old or new

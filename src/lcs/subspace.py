@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from .errors import LcsError
 from .parametrizations import Line, SubspaceState, TopK
-from .quant import FakeQuant, attach_layer_quant, prepare_bn_folding
+from .quant import FakeQuant, attach_layer_quant, prepare_bn_folding, prepare_bn_stats
 from .regimes import QuantizedConfig, RegimeConfig, StructuredConfig, UnstructuredConfig, check_alpha
 from .slim import make_slim
 
@@ -108,11 +108,13 @@ def _width_follows(module: nn.Module, fqn: str, state: SubspaceState, config: St
     """Nothing per layer: ``make_slim`` already made compressing layers follow the width."""
 
 
-def _fold_batchnorm(model: nn.Module, state: SubspaceState, config: QuantizedConfig, compressed: set[str]) -> None:
+def _prepare_batchnorm(model: nn.Module, state: SubspaceState, config: QuantizedConfig, compressed: set[str]) -> None:
+    if config.bn_stats_per_bits:
+        prepare_bn_stats(model, state, config.b_min, config.b_max)
     prepare_bn_folding(model, compressed)
 
 
-@register_regime(QuantizedConfig, prepare=_fold_batchnorm)
+@register_regime(QuantizedConfig, prepare=_prepare_batchnorm)
 def _add_fake_quant(module: nn.Module, fqn: str, state: SubspaceState, config: QuantizedConfig) -> None:
     """Weights (times the scale of a BatchNorm folded into the layer) fake-quantized after the line;
     the layer's input quantized by a running-range observer."""
