@@ -36,6 +36,20 @@ def test_bins_map_alpha_to_bits():
     assert regime_from_dict(regime_to_dict(QuantizedConfig(b_min=2, b_max=16))) == QuantizedConfig(b_min=2, b_max=16)
 
 
+def test_a_quantized_line_serves_each_bin_from_its_trained_edge():
+    line = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10), QuantizedConfig(geometry="line"))
+    assert line.set_alpha(0.0) == 3 and line.alpha == pytest.approx(1 / 6)  # α = 0 is in the 3-bit bin
+    assert line.set_alpha(0.2) == 4 and line.alpha == pytest.approx(2 / 6)
+    assert line.set_alpha(1.0) == 8 and line.alpha == 1.0
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad(), line.at(0.01):
+        low = line.model(x)
+    with torch.no_grad(), line.at(1 / 6):
+        assert torch.equal(line.model(x), low)  # one network per bit width
+    point = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10), QuantizedConfig(geometry="point"))
+    assert point.set_alpha(0.2) == 4 and point.alpha == 0.2
+
+
 @pytest.mark.parametrize("kwargs, match", [({"b_min": 1}, "b_min.*2, 16"), ({"b_max": 17}, "b_max.*2, 16"),
                                            ({"b_min": 6, "b_max": 5}, "empty"), ({"b_min": 3.5}, "whole number")])
 def test_bad_bit_ranges_are_clear_errors(kwargs, match):

@@ -70,6 +70,10 @@ class RegimeConfig:
         """γ(α): the compression level at α."""
         raise NotImplementedError
 
+    def position(self, alpha: float) -> float:
+        """The point of the subspace that serves α: α itself, unless the regime says otherwise."""
+        return alpha
+
 
 @dataclass(frozen=True)
 class UnstructuredConfig(RegimeConfig):
@@ -194,6 +198,12 @@ class QuantizedConfig(RegimeConfig):
     def level(self, alpha: float) -> int:
         a = check_alpha(alpha, *self.alpha_range)
         return self.b_min + max(0, math.ceil(round(a * self.num_levels, 9)) - 1)
+
+    def position(self, alpha: float) -> float:
+        """On a line, the upper edge of α's bin: LCS+L trains each bit width there only (SPEC §2), so
+        every α of the bin is served by that trained network, not by an untrained point beside it
+        (on digits with BN, α = 0 scored 0.10 where its bin's edge α = 1/6 scores 0.93)."""
+        return self.alpha_of(self.level(alpha)) if self.geometry == "line" else alpha
 
     def alpha_of(self, bits: float) -> float:
         """The upper edge of the bin of ``bits``: the α that LCS+L trains for that bit width."""

@@ -165,10 +165,13 @@ class Subspace:
     def set_alpha(self, alpha: float, level: float | None = None) -> float:
         """Move the whole model to α; returns the realized level (density, width or bits).
 
+        A quantized line moves to the upper edge of α's bit-width bin, where that width was trained
+        (``QuantizedConfig.position``); ``alpha`` then reports that edge.
+
         ``level`` overrides γ(α) (training warm-ups use it); it is validated against the regime.
         Raises ``ValueError`` (``LcsError``) for α outside the trained range or NaN.
         """
-        a = check_alpha(alpha, *self.alpha_range)
+        a = self.config.position(check_alpha(alpha, *self.alpha_range))
         lvl = self.config.level(a) if level is None else float(level)
         if level is not None and not (0.0 < lvl <= self.config.level_max):
             raise LcsError(f"level={level} is outside (0, {self.config.level_max:g}]")
