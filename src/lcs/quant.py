@@ -95,8 +95,8 @@ class _FakeQuantize(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return r.clamp_min_(lo).clamp_max_(hi).mul_(scale)
         y = r.clamp_min(lo).clamp_max_(hi)
-        if x.device.type == "cpu":
-            inside = torch.sub(r, y).abs_().clamp_max_(1.0).neg_().add_(1.0)
+        if x.device.type == "cpu":  # the mask is computed in r's memory: a fresh tensor costs page faults
+            inside = r.sub_(y).abs_().clamp_max_(1.0).neg_().add_(1.0)
         else:
             inside = y == r
         ctx.save_for_backward(inside)  # straight through where the code was not clamped
