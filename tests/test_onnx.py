@@ -136,3 +136,53 @@ def test_quantized_network_with_folded_bn_exports(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(torch.as_tensor(run_onnx(tmp_path / "q.onnx", x)), plain(x), atol=1e-4)
+
+
+def _quantized_plain(bits: int) -> nn.Module:
+    torch.manual_seed(0)
+    sub = lcs.convert(lcs.models.create("cpreresnet20", norm="gn"), lcs.QuantizedConfig())
+    return lcs.materialize(sub, sub.config.alpha_of(bits))
+
+
+def test_quantized_weights_are_stored_as_uint8_codes(tmp_path, monkeypatch):
+    """Every quantized conv's weight is a uint8 initializer behind a DequantizeLinear that gives back
+    exactly the float weight; the file is much smaller than with float weights."""
+    from lcs.quant import layer_quants
+
+    plain = _quantized_plain(4)
+    size = export_onnx(plain, tmp_path / "q.onnx", (3, 16, 16))
+    model = onnx.load(tmp_path / "q.onnx")
+    quantized = {f"{fqn}.weight" for fqn in layer_quants(plain)}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert {n.output[0] for n in dq} == quantized
+    inits = {i.name: i for i in model.graph.initializer}
+    assert not quantized & set(inits)  # no float copy left behind
+    params = dict(plain.named_parameters())
+    for node in dq:
+        codes, scale, zp = (onnx.numpy_helper.to_array(inits[n]) for n in node.input)
+        assert codes.dtype.name == "uint8" and codes.max() <= 15  # 4-bit codes in a byte
+        w = (torch.from_numpy(codes.astype("int32")) - int(zp)).float() * float(scale)
+        assert torch.equal(w, params[node.output[0]].detach())
+    import lcs.onnx_export
+
+    monkeypatch.setattr(lcs.onnx_export, "weights_as_codes", lambda *_: 0)
+    float_size = export_onnx(plain, tmp_path / "f.onnx", (3, 16, 16))
+    saved = 3 * sum(params[n].numel() for n in quantized)  # 4 bytes per weight become 1
+    assert abs((float_size - size) - saved) < 0.01 * saved
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(run_onnx(tmp_path / "q.onnx", x), plain(x), atol=1e-4, rtol=0)
+
+
+def test_off_grid_weight_stays_float(tmp_path):
+    from lcs.onnx_export import weights_as_codes
+    from lcs.quant import layer_quants
+
+    plain = _quantized_plain(8)
+    fqn = next(iter(layer_quants(plain)))
+    with torch.no_grad():
+        plain.get_submodule(fqn).weight.add_(1e-3)  # no longer on its grid
+    export_onnx(plain, tmp_path / "q.onnx", (3, 16, 16))
+    model = onnx.load(tmp_path / "q.onnx")
+    assert f"{fqn}.weight" in {i.name for i in model.graph.initializer}
+    assert weights_as_codes(model, plain) == 0  # everything else was already converted

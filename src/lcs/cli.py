@@ -161,8 +161,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         size = export_onnx(plain, args.out, (3, cfg.data.image_size, cfg.data.image_size))
         note = {"unstructured": " (ONNX stores unstructured zeros densely)",
-                "quantized": " (ONNX holds the weights as dequantized float32 and fake-quantizes activations "
-                             "with elementwise ops; the packed .safetensors artifact is the small one)"
+                "quantized": " (ONNX holds quantized weights as uint8 codes + DequantizeLinear, one byte per "
+                             "weight; the .safetensors artifact packs them into b bits)"
                 }.get(sub.config.regime, "")
     else:
         from .artifact import save_compressed

@@ -8,6 +8,12 @@ initializers, zeros included, so the .onnx file has the same size at every α (a
 fp32 model). Use the lcs safetensors artifact (``lcs.save_compressed``) when file size matters;
 it stores a bit mask plus the surviving values and really shrinks with α.
 
+Quantized networks (≤ 8 bits) keep each quantized weight as uint8 codes plus a standard
+``DequantizeLinear`` (QDQ style: a quarter of the float32 bytes, exactly the same values; runtimes
+fold it into a constant at load). Activations stay fake-quantized with elementwise ops
+(Mul, Round, Clip, Mul), which reproduce PyTorch's rounding bit for bit. Sub-byte packing exists
+only in the lcs artifact.
+
 onnx, onnxscript and onnxruntime are optional (``pip install 'lcs[onnx]'``) and imported only
 inside these functions, so the rest of lcs imports without them.
 """
@@ -26,7 +32,7 @@ from torch.nn.utils import parametrize
 
 from .errors import LcsError
 
-__all__ = ["export_onnx", "run_onnx", "nonstandard_ops", "STANDARD_DOMAINS"]
+__all__ = ["export_onnx", "run_onnx", "weights_as_codes", "nonstandard_ops", "STANDARD_DOMAINS"]
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 _INSTALL_HINT = "pip install 'lcs[onnx]'"
@@ -113,9 +119,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
                                         dynamic_shapes=dynamic_shapes, external_data=False, optimize=True,
                                         verbose=False)
         program.save(tmp, external_data=False)
-        bad = nonstandard_ops(onnx.load(tmp))
+        onnx_model = onnx.load(tmp)
+        bad = nonstandard_ops(onnx_model)
         if bad:
             raise LcsError(f"the exported graph uses non-standard ONNX ops: {', '.join(bad)}")
+        if weights_as_codes(onnx_model, model):
+            onnx.save(onnx_model, tmp)
         size = os.path.getsize(tmp)
         os.replace(tmp, path)
     finally:
@@ -123,6 +132,42 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
     return size
+
+
+def weights_as_codes(onnx_model: Any, model: nn.Module) -> int:
+    """Replace each quantized layer's float weight initializer (on its ≤ 8-bit grid) by uint8 codes
+    feeding a ``DequantizeLinear`` with the layer's scale and zero point; returns how many.
+
+    An initializer is replaced only if dequantizing its codes gives back its float values exactly
+    (the exporter may rename or fold weights; those stay float). Edits ``onnx_model`` in place.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from .quant import layer_quants, quantize_codes
+
+    initializers = {init.name: init for init in onnx_model.graph.initializer}
+    nodes = []
+    for fqn, lq in layer_quants(model).items():
+        name = f"{fqn}.weight" if fqn else "weight"
+        init = initializers.get(name)
+        if init is None or not hasattr(lq, "weight_scale") or lq.current_bits() > 8:
+            continue
+        w = torch.from_numpy(numpy_helper.to_array(init).copy())
+        scale, zero_point = lq.weight_scale.detach().cpu().float(), lq.weight_zero_point.detach().cpu()
+        codes = quantize_codes(w, scale, zero_point, lq.current_bits())
+        if w.dtype != torch.float32 or not torch.equal((codes - zero_point).float() * scale, w):
+            continue
+        onnx_model.graph.initializer.remove(init)
+        onnx_model.graph.initializer.extend([
+            numpy_helper.from_array(codes.numpy().astype(np.uint8), f"{name}.codes"),
+            numpy_helper.from_array(scale.numpy().reshape(()), f"{name}.scale"),
+            numpy_helper.from_array(zero_point.numpy().astype(np.uint8).reshape(()), f"{name}.zero_point")])
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}.codes", f"{name}.scale", f"{name}.zero_point"],
+                                      [name], name=f"{name}.dequantize"))
+    for i, node in enumerate(nodes):  # they read initializers only: first in topological order
+        onnx_model.graph.node.insert(i, node)
+    return len(nodes)
 
 
 def run_onnx(path: str | os.PathLike, x: torch.Tensor) -> torch.Tensor:
