@@ -29,7 +29,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .errors import LcsError
-from .quant import LayerQuant, attach_layer_quant, check_bits, folded_structure, layer_quants, quantize_codes
+from .quant import LayerQuant, attach_layer_quant, check_bits, codes_on_grid, folded_structure, layer_quants
 
 __all__ = ["FORMAT", "encode_state", "artifact_bytes", "save_compressed", "load_compressed", "pack_bits",
            "unpack_bits", "pack_ints", "unpack_ints", "read_metadata"]
@@ -90,8 +90,8 @@ def unpack_ints(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 def _encode_packed(name: str, t: torch.Tensor, lq: LayerQuant) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     t = t.detach().cpu().contiguous()
     bits, scale, zp = lq.current_bits(), lq.weight_scale.cpu(), lq.weight_zero_point.cpu()
-    codes = quantize_codes(t, scale, zp, bits)
-    if not torch.equal((codes - zp).float() * scale, t.float()):  # the weight was fake-quantized with these qparams
+    codes = codes_on_grid(t, scale, zp, bits)
+    if codes is None:  # the weight was not fake-quantized with these qparams
         raise LcsError(f"{name} is not on its {bits}-bit quantization grid: cannot store it as integer codes")
     info = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "encoding": "packed_int",
             "bits": bits}

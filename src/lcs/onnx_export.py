@@ -11,8 +11,9 @@ it stores a bit mask plus the surviving values and really shrinks with α.
 Quantized networks (≤ 8 bits) keep each quantized weight as uint8 codes plus a standard
 ``DequantizeLinear`` (QDQ style: a quarter of the float32 bytes, exactly the same values; runtimes
 fold it into a constant at load). Activations stay fake-quantized with elementwise ops
-(Mul, Round, Clip, Mul), which reproduce PyTorch's rounding bit for bit. Sub-byte packing exists
-only in the lcs artifact.
+(Mul, Round, Clip, Mul; Round is half-to-even as in PyTorch), but a runtime's float convolutions
+may sum in another order, so a value within an ulp of a rounding boundary can take the
+neighbouring code. Sub-byte packing exists only in the lcs artifact.
 
 onnx, onnxscript and onnxruntime are optional (``pip install 'lcs[onnx]'``) and imported only
 inside these functions, so the rest of lcs imports without them.
@@ -144,7 +145,7 @@ def weights_as_codes(onnx_model: Any, model: nn.Module) -> int:
     import numpy as np
     from onnx import helper, numpy_helper
 
-    from .quant import layer_quants, quantize_codes
+    from .quant import codes_on_grid, layer_quants
 
     initializers = {init.name: init for init in onnx_model.graph.initializer}
     nodes = []
@@ -155,8 +156,8 @@ def weights_as_codes(onnx_model: Any, model: nn.Module) -> int:
             continue
         w = torch.from_numpy(numpy_helper.to_array(init).copy())
         scale, zero_point = lq.weight_scale.detach().cpu().float(), lq.weight_zero_point.detach().cpu()
-        codes = quantize_codes(w, scale, zero_point, lq.current_bits())
-        if w.dtype != torch.float32 or not torch.equal((codes - zero_point).float() * scale, w):
+        codes = codes_on_grid(w, scale, zero_point, lq.current_bits()) if w.dtype == torch.float32 else None
+        if codes is None:
             continue
         onnx_model.graph.initializer.remove(init)
         onnx_model.graph.initializer.extend([

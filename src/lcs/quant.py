@@ -39,8 +39,9 @@ from torch.nn.utils import parametrize
 from .errors import LcsError
 from .regimes import BITS_RANGE
 
-__all__ = ["MOMENTUM", "check_bits", "affine_qparams", "weight_qparams", "fake_quantize", "quantize_codes", "FakeQuant",
-           "LayerQuant", "attach_layer_quant", "layer_quants", "set_activation_quant", "freeze_quantizers",
+__all__ = ["MOMENTUM", "check_bits", "affine_qparams", "weight_qparams", "fake_quantize", "quantize_codes",
+           "codes_on_grid", "FakeQuant", "LayerQuant", "attach_layer_quant", "layer_quants", "set_activation_quant",
+           "freeze_quantizers",
            "bn_fold_scale", "prepare_bn_folding", "fold_batchnorm", "folded_structure", "prepare_bn_stats",
            "select_bn_stats", "freeze_bn_stats"]
 
@@ -119,6 +120,13 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """The integer codes (int32) of ``x`` under (scale, zero point): what the packed export stores."""
     return (torch.round(x.float() / scale) + zero_point).clamp(0, 2**bits - 1).to(torch.int32)
+
+
+def codes_on_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """The codes of ``x`` when it lies exactly on the grid of (scale, zero point, bits), else None:
+    the check before storing a weight as integers, so that nothing is silently re-rounded."""
+    codes = quantize_codes(x, scale, zero_point, bits)
+    return codes if torch.equal((codes - zero_point).float() * scale, x.float()) else None
 
 
 def bn_fold_scale(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
