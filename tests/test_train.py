@@ -98,14 +98,16 @@ def test_bf16_autocast_only_when_asked(tmp_path, tiny_digits):
     plain = Trainer(load_config(None, FAST), tmp_path / "fp32", data=tiny_digits)
     assert plain.amp is False and plain.channels_last is False  # CPU: both off by default
     seen = _conv_output_dtypes(plain)
-    plain.train_step(x, y, step=0)
+    r_plain = plain.train_step(x, y, step=0)
     assert seen == [torch.float32]
     amp = Trainer(load_config(None, FAST + ["run.amp=bf16"]), tmp_path / "bf16", data=tiny_digits)
     seen = _conv_output_dtypes(amp)
     r = amp.train_step(x, y, step=0)
     assert seen == [torch.bfloat16] and math.isfinite(r["loss"])
     assert all(p.dtype == torch.float32 for p in amp.model.parameters())  # master weights stay float32
-    assert abs(r["ce"] - plain.train_step(x, y, step=1)["ce"]) < 0.5  # same model, same data: similar loss
+    # the same initial weights (same seed), the same batch and α: bf16 rounding moves the loss only a little
+    assert r["alphas"] == r_plain["alphas"]
+    assert abs(r["ce"] - r_plain["ce"]) < 0.02 * max(1.0, r_plain["ce"])
 
 
 def test_channels_last_on_request_computes_the_same(tmp_path, tiny_digits):

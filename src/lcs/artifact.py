@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
 from torch import nn
 
-from .errors import LcsError
+from .errors import LcsError, state_dict_error
+from .files import DamagedFileError, load_tensors, save_tensors, serialize_tensors
 from .quant import LayerQuant, attach_layer_quant, check_bits, codes_on_grid, folded_structure, layer_quants
 
 __all__ = ["FORMAT", "encode_state", "artifact_bytes", "save_compressed", "load_compressed", "pack_bits",
@@ -133,7 +133,7 @@ def encode_state(model: nn.Module, meta: dict[str, Any] | None = None
 
 def artifact_bytes(model: nn.Module, meta: dict[str, Any] | None = None) -> int:
     """Exact size in bytes of the file ``save_compressed`` would write (serialized in memory)."""
-    return len(st_save(*encode_state(model, meta)))
+    return len(serialize_tensors(*encode_state(model, meta)))
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> int:
@@ -144,14 +144,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, meta: dict[str, A
     (the loader then shrinks the layers to the stored shapes); anything else JSON-serializable is
     kept alongside.
     """
-    data = st_save(*encode_state(model, meta))
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return len(data)
+    tensors, metadata = encode_state(model, meta)
+    return save_tensors(tensors, path, metadata)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -179,28 +173,35 @@ def _decode(path: str, header: dict[str, Any]
     """The state dict, and the (scale, zero point) of every tensor stored as integer codes."""
     state: dict[str, torch.Tensor] = {}
     qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    tensors, _ = load_tensors(path)  # verified against the file's digest
     try:
-        with safe_open(path, framework="pt") as f:
-            for name, info in header["tensors"].items():
-                shape = info["shape"]
-                if info["encoding"] == "dense":
-                    state[name] = f.get_tensor(name)
-                elif info["encoding"] == "bitmap":
-                    values = f.get_tensor(f"{name}.values")
-                    mask = unpack_bits(f.get_tensor(f"{name}.bitmap"), math.prod(shape))
-                    dense = values.new_zeros(mask.numel())
-                    dense[mask] = values
-                    state[name] = dense.view(shape)
-                elif info["encoding"] == "packed_int":
-                    scale, zp = f.get_tensor(f"{name}.scale"), f.get_tensor(f"{name}.zero_point")
-                    codes = unpack_ints(f.get_tensor(f"{name}.codes"), int(info["bits"]), math.prod(shape))
-                    state[name] = ((codes - zp).float() * scale).view(shape).to(getattr(torch, info["dtype"]))
-                    qparams[name] = (scale, zp)
-                else:
-                    raise LcsError(f"{path}: unknown tensor encoding {info['encoding']!r}")
-    except (SafetensorError, KeyError, RuntimeError, AttributeError) as e:
-        raise LcsError(f"{path}: corrupted artifact ({e})") from None
+        for name, info in header["tensors"].items():
+            shape = info["shape"]
+            if info["encoding"] == "dense":
+                state[name] = tensors[name]
+            elif info["encoding"] == "bitmap":
+                values = tensors[f"{name}.values"]
+                mask = unpack_bits(tensors[f"{name}.bitmap"], math.prod(shape))
+                dense = values.new_zeros(mask.numel())
+                dense[mask] = values
+                state[name] = dense.view(shape)
+            elif info["encoding"] == "packed_int":
+                scale, zp = tensors[f"{name}.scale"], tensors[f"{name}.zero_point"]
+                codes = unpack_ints(tensors[f"{name}.codes"], int(info["bits"]), math.prod(shape))
+                state[name] = ((codes - zp).float() * scale).view(shape).to(getattr(torch, info["dtype"]))
+                qparams[name] = (scale, zp)
+            else:
+                raise LcsError(f"{path}: unknown tensor encoding {info['encoding']!r}")
+    except (KeyError, RuntimeError, AttributeError) as e:
+        raise DamagedFileError(f"{path}: corrupted artifact ({e})") from None
     return state, qparams
+
+
+def _is_slim_of(shapes: dict[str, list[int]], own: dict[str, torch.Tensor]) -> bool:
+    """The file's own shapes say it is a slim version of ``own``: no tensor larger, some narrower."""
+    pairs = [(shape, list(own[name].shape)) for name, shape in shapes.items() if name in own]
+    fits = all(len(a) == len(b) and all(x <= y for x, y in zip(a, b, strict=True)) for a, b in pairs)
+    return fits and any(a != b for a, b in pairs)
 
 
 def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -235,12 +236,14 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
             raise LcsError(f"{path} quantizes a layer {fqn!r} the architecture does not have") from None
         if f"{fqn}.weight" in qparams:
             lq.set_weight_qparams(*qparams[f"{fqn}.weight"])  # so that the loaded network can be saved again
-    if header.get("regime") == "structured":  # physically slim: shrink the full-width layers first
+    shapes = {name: info["shape"] for name, info in header["tensors"].items()}
+    own = model.state_dict()
+    if header.get("regime") == "structured" or _is_slim_of(shapes, own):  # physically slim: shrink first
         from .slim import resize_to_shapes
 
-        resize_to_shapes(model, {name: info["shape"] for name, info in header["tensors"].items()})
+        resize_to_shapes(model, shapes)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise LcsError(f"{path} does not match the architecture: {str(e).splitlines()[0]}") from None
+        raise LcsError(f"{path} does not match the architecture: {state_dict_error(e)}") from None
     return model.eval()

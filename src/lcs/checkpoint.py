@@ -4,7 +4,9 @@ A checkpoint is a directory ``checkpoints/step_XXXXXXXX/`` holding ``weights.saf
 subspace's state dict), ``optimizer.safetensors`` (momentum buffers by parameter index) and
 ``state.json`` (epoch, step, RNG state, config). It is written under a temporary name and renamed
 into place; ``checkpoints/latest.json`` is replaced last, so a run killed at any instant resumes
-from the last complete checkpoint.
+from the last complete checkpoint. Both tensor files carry a digest of their data (``lcs.files``):
+a damaged checkpoint is detected on load, and ``load_latest_intact`` falls back to the newest
+intact one (``run.keep_checkpoints`` keep that many), saying so.
 """
 
 from __future__ import annotations
@@ -12,23 +14,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import LcsError
+from .errors import LcsError, state_dict_error
+from .files import DamagedFileError, atomic_dir, dumps_json, load_tensors, save_tensors, write_json
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "load_weights"]
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "load_weights", "list_checkpoints",
+           "load_latest_intact"]
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -46,19 +43,13 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, opt: torch.opt
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{state['step']:08d}"
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              tmp / "weights.safetensors")
-    save_file(_optimizer_tensors(opt), tmp / "optimizer.safetensors")
-    rng = torch.get_rng_state()
-    full = {**state, "torch_rng": rng.tolist()}
-    (tmp / "state.json").write_text(json.dumps(full))
     final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _atomic_json(root / "latest.json", {"checkpoint": name})
+    with atomic_dir(final) as tmp:
+        save_tensors(model.state_dict(), tmp / "weights.safetensors")
+        save_tensors(_optimizer_tensors(opt), tmp / "optimizer.safetensors")
+        full = {**state, "torch_rng": torch.get_rng_state().tolist()}
+        (tmp / "state.json").write_text(dumps_json(full))
+    write_json(root / "latest.json", {"checkpoint": name})
     old = sorted(p for p in root.glob("step_*") if p.is_dir())
     for p in old[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
@@ -80,30 +71,50 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
     return path
 
 
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders of a run, newest first (the one ``latest.json`` names first)."""
+    latest = latest_checkpoint(run_dir)
+    others = sorted((p for p in latest.parent.glob("step_*") if p.is_dir() and p != latest), reverse=True)
+    return [latest, *others]
+
+
+def load_latest_intact(run_dir: str | os.PathLike, model: nn.Module,
+                       opt: torch.optim.Optimizer | None = None) -> tuple[Path, dict[str, Any]]:
+    """Load the newest checkpoint that is intact; a damaged one is reported on stderr and skipped.
+    Raises the newest damage error when none is intact."""
+    first: DamagedFileError | None = None
+    for ckpt in list_checkpoints(run_dir):
+        try:
+            state = load_checkpoint(ckpt, model, opt)
+        except DamagedFileError as e:
+            first = first or e
+            print(f"lcs: {e}; trying the previous checkpoint", file=sys.stderr)
+            continue
+        if first is not None:
+            print(f"lcs: using the intact checkpoint {ckpt.name} (step {state.get('step')})", file=sys.stderr)
+        return ckpt, state
+    assert first is not None
+    raise DamagedFileError(f"{first} (and no earlier intact checkpoint is kept)")
+
+
 def load_weights(path: Path, model: nn.Module) -> None:
     """Load ``weights.safetensors`` into ``model`` (strict), with one-line errors."""
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LcsError(f"checkpoint {path} is corrupted or truncated ({e})") from None
+    tensors, _ = load_tensors(path)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
-        raise LcsError(f"checkpoint {path} does not match the model: {str(e).splitlines()[0]}") from None
+        raise LcsError(f"checkpoint {path} does not match the model: {state_dict_error(e)}") from None
 
 
 def load_checkpoint(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Restore weights (and optimizer state, RNG) from a checkpoint directory; returns its state."""
-    load_weights(ckpt / "weights.safetensors", model)
     try:
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise LcsError(f"checkpoint {ckpt}/state.json is corrupted ({e})") from None
+        raise DamagedFileError(f"checkpoint {ckpt}/state.json is corrupted ({e})") from None
+    load_weights(ckpt / "weights.safetensors", model)
     if opt is not None:
-        try:
-            tensors = load_file(ckpt / "optimizer.safetensors")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise LcsError(f"checkpoint {ckpt}/optimizer.safetensors is corrupted ({e})") from None
+        tensors, _ = load_tensors(ckpt / "optimizer.safetensors")
         sd = opt.state_dict()
         per_param: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():

@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
+from .alloc import keep_freed_memory
 from .errors import LcsError
+from .files import write_json
 
 __all__ = ["main"]
 
@@ -19,6 +22,14 @@ def _floats(text: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise LcsError(f"--grid expects comma-separated numbers, got {text!r}") from None
+
+
+_RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "eval.json", "eval.png", "eval_bn_stats.png")
+
+
+def _run_files(out: Path) -> list[str]:
+    """The files of an earlier lcs run in ``out`` (what ``--overwrite`` removes; nothing else is touched)."""
+    return [name for name in _RUN_FILES if (out / name).exists()]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -43,9 +54,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = config_from_dict(yaml.safe_load((out / "config.yaml").read_text()))
         cfg = apply_overrides(cfg, overrides).validate()
     else:
-        if (out / "checkpoints").exists():
-            raise LcsError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
         cfg = load_config(args.config, overrides)
+        earlier = _run_files(out)
+        if earlier and not args.overwrite:
+            what = "a run" if (out / "checkpoints").exists() else f"an earlier run's files ({', '.join(earlier[:3])})"
+            raise LcsError(f"{out} already holds {what}: pass --resume to continue it, --overwrite to replace it, "
+                           f"or choose another --out")
+        for name in earlier:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     from .distributed import shutdown_distributed
 
     trainer = Trainer(cfg, out, resume=args.resume)
@@ -93,9 +110,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     run = Path(args.run)
     json_path = Path(args.json) if args.json else run / "eval.json"
     payload = {"run": str(run), "regime": cfg.method.regime, "method": cfg.method.name, "records": records}
-    tmp = json_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, json_path)
+    write_json(json_path, payload)
     plot_path = json_path.with_suffix(".png")
     x = {"structured": "params", "quantized": "bits"}.get(cfg.method.regime, "sparsity")
     plot_runs([(f"{cfg.method.name} ({cfg.method.regime})", records)], plot_path, x=x)
@@ -215,7 +230,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     out = Path(args.json)
     payload = {"file": str(args.file), "regime": rt.regime, "batches": batches, "threads": torch.get_num_threads(),
                "records": records}
-    out.write_text(json.dumps(payload, indent=1))
+    write_json(out, payload)
     lat, acc = out.with_name(out.stem + "_latency.png"), out.with_name(out.stem + "_accuracy.png")
     plot_profile(records, batches, lat, acc if data is not None else None, title=f"{rt.regime}: latency vs α")
     print(f"wrote {out}, {lat}" + (f", {acc}" if data is not None else ""))
@@ -254,7 +269,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
               f"(the controller served the most efficient α)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "adapt.json").write_text(json.dumps(result))
+    write_json(out / "adapt.json", result, indent=None)
     plot_adapt(result, out / "adapt.png")
     print(f"wrote {out / 'adapt.json'} and {out / 'adapt.png'}")
     return 0
@@ -283,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=0.1")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars or status lines")
     t.set_defaults(fn=_cmd_train)
 
     e = sp.add_parser("eval", help="sweep a trained subspace over α")
@@ -338,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # 1.7x faster CPU training steps here (lcs.alloc)
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -81,6 +81,9 @@ class MethodConfig:
     beta: float = 1.0  # weight of the cos² regularizer (lines only)
     endpoint_prob: float = 0.5  # LCS+L: probability of sampling an endpoint
     line_init: str = "independent"  # independent | copy (second endpoint from the first)
+    # unstructured with BatchNorm: running statistics per log-spaced density bin (0: one shared set;
+    # the target baseline, one network at one density, always keeps one)
+    bn_stats_bins: int = 0
 
 
 @dataclass
@@ -88,6 +91,7 @@ class OptimConfig:
     epochs: int = 30
     lr: float = 0.1  # peak learning rate (SGD)
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0  # linear LR warm-up, then cosine decay to 0
     label_smoothing: float = 0.0
@@ -124,7 +128,8 @@ class Config:
         if m.regime == "structured":
             return StructuredConfig(geometry=geometry, w_min=m.w_min, w_max=m.w_max, line_scope=m.line_scope,
                                     line_init=m.line_init)
-        return UnstructuredConfig(geometry=geometry, d_min=m.d_min, line_init=m.line_init)
+        return UnstructuredConfig(geometry=geometry, d_min=m.d_min, line_init=m.line_init,
+                                  bn_stats_bins=0 if m.name == "target" else m.bn_stats_bins)
 
     def validate(self) -> Config:
         from .methods import METHODS
@@ -297,7 +302,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     import yaml
 
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w") as f:
+    from .files import atomic_write
+
+    with atomic_write(path, "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)

@@ -14,7 +14,6 @@ import math
 import multiprocessing as mp
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -513,13 +512,12 @@ def _read_cache(path: str, key: str) -> ImageData | None:
     if not os.path.isfile(path):
         return None
     try:
-        from safetensors import safe_open
+        from .files import load_tensors, read_safetensors_metadata
 
-        with safe_open(path, framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != _CACHE_FORMAT or meta.get("key") != key:
-                return None  # stale: files or settings changed
-            t = {k: fh.get_tensor(k) for k in ("train_images", "train_labels", "val_images", "val_labels")}
+        meta = read_safetensors_metadata(path)
+        if meta.get("format") != _CACHE_FORMAT or meta.get("key") != key:
+            return None  # stale: files or settings changed
+        t, _ = load_tensors(path)  # verified against its digest: a damaged cache is re-decoded
         info = json.loads(meta["info"])
         data = ImageData("folder", Split(t["train_images"], t["train_labels"]),
                          Split(t["val_images"], t["val_labels"]), list(info["classes"]),
@@ -534,27 +532,18 @@ def _read_cache(path: str, key: str) -> ImageData | None:
 
 
 def _write_cache(path: str, key: str, data: ImageData, skipped: int) -> None:
-    """Atomic write (temp file in the same folder, then os.replace) so a crash never leaves half a cache."""
-    from safetensors.torch import save_file
+    """Atomic write (``lcs.files``) so a crash or a full disk never leaves half a cache."""
+    from .files import save_tensors
 
-    folder = os.path.dirname(path)
-    tmp = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-        os.close(fd)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         info = {"classes": data.classes, "mean": list(data.mean), "std": list(data.std), "pad": data.pad,
                 "hflip": data.hflip, "skipped": skipped}
         tensors = {f"{name}_{kind}": getattr(getattr(data, name), kind).contiguous()
                    for name in ("train", "val") for kind in ("images", "labels")}
-        save_file(tensors, tmp, metadata={"format": _CACHE_FORMAT, "key": key, "info": json.dumps(info)})
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as err:  # read-only or full disk: training still works, just without the cache
+        save_tensors(tensors, path, {"format": _CACHE_FORMAT, "key": key, "info": json.dumps(info)})
+    except (OSError, LcsError) as err:  # read-only or full disk: training still works, just without the cache
         warnings.warn(f"could not write data cache {path} ({err}); continuing without it", stacklevel=4)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------------

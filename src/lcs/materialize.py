@@ -8,8 +8,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .bn_stats import freeze_bn_stats
 from .errors import LcsError
-from .quant import fold_batchnorm, freeze_bn_stats, freeze_quantizers
+from .quant import fold_batchnorm, freeze_quantizers
 from .slim import channel_plan, is_slim, slim_down
 from .subspace import Subspace
 

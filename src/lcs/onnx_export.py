@@ -128,6 +128,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
             onnx.save(onnx_model, tmp)
         size = os.path.getsize(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise LcsError(f"could not write {path}: {e.strerror or e}; nothing was left behind") from None
     finally:
         model.train(was_training)
         with contextlib.suppress(FileNotFoundError):

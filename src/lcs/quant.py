@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .bn_stats import freeze_bn_stats, prepare_bn_stats, select_bn_stats
 from .errors import LcsError
 from .regimes import BITS_RANGE
 
@@ -291,9 +292,18 @@ def freeze_quantizers(model: nn.Module) -> None:
 
 
 def _unscale_input(bn: nn.Module, args: tuple) -> tuple:
-    # The folded conv computed with θ·s: divide by s so the BN sees (and tracks) the unfolded output.
+    # The folded conv computed conv(x, fq(θ·s)) + b: undo the scale on the weight's part only, so the
+    # BN sees (and tracks) conv(x, θ) + b, the unfolded output. (Dividing the bias by s too made
+    # training compute BN(conv + b/s) while the export, rightly, computes BN(conv + b).)
     x = args[0]
-    return (x / bn_fold_scale(bn).reshape(1, -1, *([1] * (x.dim() - 2))), *args[1:])
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    s = bn_fold_scale(bn).reshape(shape)
+    conv = bn.__dict__.get("lcs_fold_conv")
+    bias = getattr(conv, "bias", None)
+    if bias is None:
+        return (x / s, *args[1:])
+    b = bias.reshape(shape)
+    return ((x - b) / s + b, *args[1:])
 
 
 def prepare_bn_folding(model: nn.Module, compressed: set[str]) -> dict[str, str]:
@@ -315,6 +325,7 @@ def prepare_bn_folding(model: nn.Module, compressed: set[str]) -> dict[str, str]
             raise LcsError(f"cannot fold {norm.target!r} into {conv.target!r}: it needs affine=True and running "
                            f"statistics")
         modules[conv.target].__dict__["lcs_fold_bn"] = bn
+        bn.__dict__["lcs_fold_conv"] = modules[conv.target]  # its bias is not scaled (``_unscale_input``)
         bn.register_forward_pre_hook(_unscale_input)
         folds[conv.target] = norm.target
     model.__dict__["lcs_bn_folds"] = folds
@@ -356,55 +367,3 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                                                                       requires_grad=False)}
         conv.__dict__.pop("lcs_fold_bn", None)
     return folded_structure(model, folds)
-
-
-_STATS = ("running_mean", "running_var")
-
-
-def select_bn_stats(bn: nn.Module, *args: Any) -> None:
-    """Point a BN's ``running_mean``/``running_var`` at the rows of its per-bit-width statistics
-    for the current bits (views: BatchNorm's in-place updates land in that row). A forward
-    pre-hook, and called by ``FakeQuant`` for folded BNs; a no-op for BNs without such statistics."""
-    owner = bn.__dict__.get("lcs_bn_bits")
-    if owner is None:
-        return
-    state, b_min = owner
-    row = check_bits(state.level) - b_min
-    for name in _STATS:
-        bn._buffers[name] = bn._buffers[f"lcs_{name}"][row]
-
-
-def prepare_bn_stats(model: nn.Module, state: Any, b_min: int, b_max: int) -> int:
-    """Give every BatchNorm with running statistics one set per bit width in [b_min, b_max]:
-    buffers ``lcs_running_mean``/``lcs_running_var`` of shape (bit widths, C), saved in the state
-    dict in place of ``running_mean``/``running_var`` (which become views of the current row).
-    Returns how many BNs."""
-    n = 0
-    for m in model.modules():
-        if not (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats):
-            continue
-        for name in _STATS:
-            m.register_buffer(f"lcs_{name}", getattr(m, name).detach().repeat(b_max - b_min + 1, 1))
-        m._non_persistent_buffers_set = m._non_persistent_buffers_set | set(_STATS)
-        m.__dict__["lcs_bn_bits"] = (state, b_min)
-        m.register_forward_pre_hook(select_bn_stats, prepend=True)  # before a folding BN's unscaling
-        select_bn_stats(m)
-        n += 1
-    return n
-
-
-def freeze_bn_stats(model: nn.Module, bits: int | None = None) -> nn.Module:
-    """Give each BN with per-bit-width statistics the plain ``running_mean``/``running_var`` of
-    ``bits`` (default: its state's current bits) and drop the others, in place, replacing dicts
-    rather than mutating them (``Runtime``'s copies share them with their template)."""
-    for m in model.modules():
-        owner = m.__dict__.get("lcs_bn_bits")
-        if owner is None:
-            continue
-        state, b_min = owner
-        row = check_bits(bits if bits is not None else state.level) - b_min
-        m._buffers = {k: (m._buffers[f"lcs_{k}"][row].clone() if k in _STATS else v)
-                      for k, v in m._buffers.items() if not k.startswith("lcs_")}
-        m._non_persistent_buffers_set = m._non_persistent_buffers_set - set(_STATS)
-        del m.__dict__["lcs_bn_bits"]
-    return model

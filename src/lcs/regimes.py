@@ -79,12 +79,16 @@ class RegimeConfig:
 class UnstructuredConfig(RegimeConfig):
     """Unstructured sparsity: per-layer magnitude TopK at density d = α on [d_min, 1].
 
+    ``bn_stats_bins``: with BatchNorm, keep that many sets of running statistics, one per
+    log-spaced bin of α (``lcs.bn_stats``); 0 keeps one shared set (GroupNorm needs none).
+
     Example:
         >>> UnstructuredConfig(d_min=0.025).level(0.1)
         0.1
     """
 
     d_min: float = 0.025
+    bn_stats_bins: int = 0
 
     regime: ClassVar[str] = "unstructured"
     level_name: ClassVar[str] = "density"
@@ -93,6 +97,22 @@ class UnstructuredConfig(RegimeConfig):
         super().__post_init__()
         if not (0.0 < self.d_min <= 1.0):
             raise LcsError(f"d_min must be in (0, 1], got {self.d_min}")
+        if isinstance(self.bn_stats_bins, bool) or not isinstance(self.bn_stats_bins, int) or self.bn_stats_bins < 0:
+            raise LcsError(f"bn_stats_bins must be a whole number >= 0 (0: one shared set), got {self.bn_stats_bins!r}")
+
+    @property
+    def stats_rows(self) -> int:
+        """BatchNorm statistics sets (``lcs.bn_stats``): ``bn_stats_bins`` log-spaced bins of α."""
+        return self.bn_stats_bins
+
+    def stats_row(self, alpha: float, level: float) -> int:
+        """The bin of α (= the density after the warm-up): n equal bins of log α over [d_min, 1]; the
+        activations' statistics change fastest at low density, so the bins are finest there."""
+        n = self.bn_stats_bins
+        if n <= 1 or self.d_min >= 1.0:
+            return 0
+        d = min(max(float(alpha), self.d_min), 1.0)
+        return min(n - 1, int(n * math.log(d / self.d_min) / math.log(1.0 / self.d_min)))
 
     @property
     def alpha_range(self) -> tuple[float, float]:
@@ -190,6 +210,18 @@ class QuantizedConfig(RegimeConfig):
     @property
     def num_levels(self) -> int:
         return self.b_max - self.b_min + 1
+
+    @property
+    def stats_rows(self) -> int:
+        """BatchNorm statistics sets (``lcs.bn_stats``): one per bit width."""
+        return self.num_levels if self.bn_stats_per_bits else 0
+
+    def stats_row(self, alpha: float, level: float) -> int:
+        """The row of the bit width ``level`` (α only picks the bin, and the bin is the bits)."""
+        bits = int(level)
+        if bits != level or not (self.b_min <= bits <= self.b_max):
+            raise LcsError(f"bits={level!r} is outside the subspace's bit range {self.b_min}..{self.b_max}")
+        return bits - self.b_min
 
     @property
     def level_max(self) -> float:

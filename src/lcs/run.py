@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import models
-from .checkpoint import latest_checkpoint, load_weights
+from .checkpoint import load_latest_intact
 from .config import Config, config_from_dict
 from .errors import LcsError
 from .subspace import Subspace, convert
@@ -58,8 +58,6 @@ def open_data(cfg: Config, root: str | None = None, name: str | None = None):
 
 def load_run(run_dir: str | os.PathLike) -> tuple[Config, Subspace, dict]:
     """(config, subspace with the latest weights, checkpoint state) of a run directory."""
-    import json
-
     import yaml
 
     run = Path(run_dir)
@@ -73,11 +71,6 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Config, Subspace, dict]:
         raise LcsError(f"{run}/config.yaml is not valid YAML: {str(e).splitlines()[0]}") from None
     cfg = config_from_dict(raw).validate()
     sub = build_subspace(cfg)
-    ckpt = latest_checkpoint(run)
-    load_weights(ckpt / "weights.safetensors", sub.model)
-    try:
-        state = json.loads((ckpt / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise LcsError(f"checkpoint {ckpt}/state.json is corrupted ({e})") from None
+    _, state = load_latest_intact(run, sub.model)  # a damaged newest checkpoint falls back, saying so
     sub.model.eval()
     return cfg, sub, state

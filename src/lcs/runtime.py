@@ -19,14 +19,14 @@ import time
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
 from torch import nn
 
 from .artifact import read_metadata
-from .errors import LcsError
+from .bn_stats import freeze_bn_stats
+from .errors import LcsError, state_dict_error
+from .files import load_tensors, save_tensors
 from .materialize import strip_parametrizations
-from .quant import FakeQuant, fold_batchnorm, freeze_bn_stats, freeze_quantizers, layer_quants, weight_qparams
+from .quant import FakeQuant, fold_batchnorm, freeze_quantizers, layer_quants, weight_qparams
 from .regimes import regime_from_dict, regime_to_dict
 from .slim import channel_plan, is_slim, slim_down, width_channels
 from .subspace import Subspace, convert
@@ -45,15 +45,12 @@ def save_subspace(sub: Subspace, path: str | os.PathLike, arch: dict[str, Any],
     """
     import json
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in sub.model.state_dict().items()}
     header = {"format": SUBSPACE_FORMAT, "version": 1, "arch": arch, "regime": regime_to_dict(sub.config),
-              "alpha_range": list(sub.alpha_range), "compressed": list(sub.compressed), **(extra or {})}
-    data = st_save(tensors, {"lcs": json.dumps(header)})
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return len(data)
+              "alpha_range": list(sub.alpha_range), "compressed": list(sub.compressed)}
+    if sub.input_shape is not None:
+        header["input_shape"] = list(sub.input_shape)
+    header.update(extra or {})
+    return save_tensors(sub.model.state_dict(), path, {"lcs": json.dumps(header)})
 
 
 def load_subspace(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[Subspace, dict[str, Any]]:
@@ -75,15 +72,11 @@ def load_subspace(path: str | os.PathLike, model: nn.Module | None = None) -> tu
     sub = convert(model, config, filter_fn=lambda m, fqn: fqn in compressed)
     if header.get("input_shape"):
         sub.input_shape = tuple(header["input_shape"])
-    try:
-        with safe_open(path, framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise LcsError(f"{path}: corrupted subspace artifact ({e})") from None
+    state, _ = load_tensors(path)  # verified against the file's digest
     try:
         sub.model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise LcsError(f"{path} does not match its architecture: {str(e).splitlines()[0]}") from None
+        raise LcsError(f"{path} does not match its architecture: {state_dict_error(e)}") from None
     sub.model.eval()
     return sub, header
 
@@ -197,8 +190,8 @@ class Runtime:
                 modules[fqn]._parameters[name] = nn.Parameter(value, requires_grad=False)
             for fqn in self._quant_layers:  # each network's own copy: a running request keeps its bits
                 modules[fqn].bits = int(level)
-            if self.regime == "quantized":  # BN: the statistics of these bits, merged into the conv where folded
-                fold_batchnorm(freeze_bn_stats(net, int(level)))
+            # BN: the statistics of this level, merged into the conv where folded (quantized)
+            fold_batchnorm(freeze_bn_stats(net, self._sub.alpha, level))
             if self._slim_state is not None:
                 slim_down(net, self._plan(level))
             self._current = (self._sub.alpha, level, net)  # one assignment: readers see old or new

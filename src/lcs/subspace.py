@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .bn_stats import prepare_bn_stats
 from .errors import LcsError
 from .parametrizations import Line, SubspaceState, TopK
-from .quant import FakeQuant, attach_layer_quant, prepare_bn_folding, prepare_bn_stats
+from .quant import FakeQuant, attach_layer_quant, prepare_bn_folding
 from .regimes import QuantizedConfig, RegimeConfig, StructuredConfig, UnstructuredConfig, check_alpha
 from .slim import make_slim
 
@@ -82,7 +83,13 @@ def register_regime(config_type: type, *, prepare: Prepare | None = None,
     return deco
 
 
-@register_regime(UnstructuredConfig)
+def _unstructured_bn_stats(model: nn.Module, state: SubspaceState, config: UnstructuredConfig,
+                           compressed: set[str]) -> None:
+    if config.stats_rows:
+        prepare_bn_stats(model, state, config)
+
+
+@register_regime(UnstructuredConfig, prepare=_unstructured_bn_stats)
 def _add_topk(module: nn.Module, fqn: str, state: SubspaceState, config: UnstructuredConfig) -> None:
     parametrize.register_parametrization(module, "weight", TopK(state))
 
@@ -109,8 +116,8 @@ def _width_follows(module: nn.Module, fqn: str, state: SubspaceState, config: St
 
 
 def _prepare_batchnorm(model: nn.Module, state: SubspaceState, config: QuantizedConfig, compressed: set[str]) -> None:
-    if config.bn_stats_per_bits:
-        prepare_bn_stats(model, state, config.b_min, config.b_max)
+    if config.stats_rows:
+        prepare_bn_stats(model, state, config)
     prepare_bn_folding(model, compressed)
 
 

@@ -16,18 +16,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_latest_intact, save_checkpoint
 from .config import Config, save_config
 from .data import ImageData, num_batches, train_batches
 from .distributed import init_distributed
 from .errors import LcsError
 from .evaluate import evaluate_accuracy
+from .files import dumps_json
 from .methods import Method, build_method
 from .quant import set_activation_quant
 from .run import build_subspace, open_data, resolve_device
 from .subspace import Subspace
 
-__all__ = ["Trainer", "lr_at"]
+__all__ = ["Trainer", "DivergedError", "lr_at"]
 
 _STEP_SEED = 1_000_003
 
@@ -38,6 +39,15 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * peak * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class DivergedError(LcsError):
+    """The loss became NaN or infinite: training stops at that step, before the update."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"training diverged at step {step}: the loss is {loss}; the last checkpoint is kept "
+                         f"unchanged (lower optim.lr, or check the data)")
+        self.step = step
 
 
 class Trainer:
@@ -94,14 +104,21 @@ class Trainer:
         self.method: Method = build_method(cfg.method, cfg.method.regime, cfg.method.name, self.sub.config,
                                            self.total_steps)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                   nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
                                    weight_decay=cfg.optim.weight_decay)
         self.step = 0
         self._act_quant: bool | None = None  # activation quantization as last switched (None: not yet)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         if resume:
-            state = load_checkpoint(latest_checkpoint(self.out), self.model, self.opt)
+            _, state = load_latest_intact(self.out, self.model, self.opt)
             self.step = int(state["step"])
+            if self.dist.is_main:
+                epoch = self.step // self.steps_per_epoch
+                print(f"resuming from step {self.step} (epoch {epoch} of {cfg.optim.epochs})" if
+                      self.step < self.total_steps else
+                      f"the run in {self.out} is finished ({cfg.optim.epochs} epochs, step {self.step}): nothing to "
+                      f"train; raise --epochs to train further", flush=True)
             if self.dist.is_main:
                 self._truncate_log(self.step)
         if self.dist.is_main:
@@ -138,8 +155,10 @@ class Trainer:
             (ce + extra if i == 0 and extra is not None else ce).backward()  # each α's graph freed at once
             ce_sum += ce.detach()
             correct += int((out.argmax(1) == y).sum())
-        self.opt.step()
         loss = ce_sum + sum(t.detach() for t in terms.values())
+        if not bool(torch.isfinite(loss)):  # stop before the update: the weights and checkpoints stay good
+            raise DivergedError(step, float(loss))
+        self.opt.step()
         return {"loss": float(loss.detach()), "ce": float(ce_sum.detach()) / len(alphas),
                 "acc": correct / (y.numel() * len(alphas)), "alphas": alphas, "levels": levels,
                 **{k: float(v.detach()) for k, v in terms.items()}}
@@ -192,7 +211,7 @@ class Trainer:
             if (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch + 1 == last_epoch:
                 self._checkpoint(epoch + 1)
             with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(dumps_json(record) + "\n")
         if bar is not None:
             bar.close()
         if self.dist.enabled:
