@@ -47,7 +47,8 @@ def test_export_round_trip_equals_subspace(run_dir, tmp_path, capsys):
 
 
 def test_plot_overlays_runs(run_dir, tmp_path):
-    main(["eval", str(run_dir), "--grid", "0.1,1.0", "--json", str(tmp_path / "e.json")])
+    assert main(["eval", str(run_dir), "--grid", "0.1,1.0", "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["provenance"]["val_images"] > 0
     assert main(["plot", str(run_dir), str(tmp_path / "e.json"), "--out", str(tmp_path / "cmp.png")]) == 0
     assert (tmp_path / "cmp.png").stat().st_size > 1000
 
@@ -89,12 +90,12 @@ def test_subspace_export_profile_and_adapt(run_dir, tmp_path, capsys):
     assert main(["profile", str(sub_path), "--grid", "0.1,1.0", "--batch", "1,4", "--data", "digits",
                  "--json", str(prof)]) == 0
     out = capsys.readouterr().out
-    assert "switch ms" in out and "dense kernels" in out
+    assert "switch ms" in out and "b1 sparse" in out and "CSR kernels" in out
     records = json.loads(prof.read_text())["records"]
     assert [r["alpha"] for r in records] == [0.1, 1.0]
     for r in records:
         for key in ("switch_ms", "first_batch_ms", "latency_ms_b1", "p90_ms_b1", "latency_ms_b4", "bytes", "macs",
-                    "params", "accuracy"):
+                    "params", "accuracy", "sparse_layers_b1", "dense_bytes"):
             assert key in r and r[key] >= 0, key
         assert r["p90_ms_b1"] >= r["latency_ms_b1"]
     assert records[0]["bytes"] < records[1]["bytes"]

@@ -8,13 +8,18 @@ PROFILE = [{"alpha": 0.025, "latency_ms_b1": 2.0}, {"alpha": 0.5, "latency_ms_b1
 
 
 class FakeRuntime:
-    """Latency = profile × load, without timing: the policy is tested, not the clock."""
+    """A request takes profile latency × load on a simulated clock: the policy is tested, not timing."""
 
     alpha_range = (0.025, 1.0)
 
     def __init__(self):
         self.alpha = 1.0
         self.switches = 0
+        self.load = 1.0
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
 
     def set_alpha(self, a):
         self.alpha = a
@@ -22,37 +27,42 @@ class FakeRuntime:
         return a
 
     def __call__(self, x):
+        ms = {p["alpha"]: p["latency_ms_b1"] for p in PROFILE}[self.alpha] * self.load
+        self.now += ms / 1e3
         return x
 
 
+def _controller(rt, **kwargs):
+    return BudgetController(rt, PROFILE, clock=rt.clock, **kwargs)
+
+
 def _drive(ctl, rt, loads):
+    """The real controller (choose, switch, run, observe) under a load trace; the α of each request."""
     alphas = []
     for load in loads:
-        a = ctl.choose()
-        if a != rt.alpha:
-            rt.set_alpha(a)
-            ctl._since_switch = 0
-        else:
-            ctl._since_switch += 1
-        ctl.observe(a, ctl.profiled_ms(a) * load)
-        alphas.append(a)
+        rt.load = load
+        _, decision = ctl(torch.zeros(1))
+        assert decision.latency_ms == pytest.approx(ctl.profiled_ms(decision.alpha) * load)
+        alphas.append(decision.alpha)
     return alphas
 
 
 def test_picks_largest_alpha_that_fits_and_follows_load():
     rt = FakeRuntime()
-    ctl = BudgetController(rt, PROFILE, budget_ms=8.0)
+    ctl = _controller(rt, budget_ms=8.0)
     assert ctl.choose() == 0.5  # 10 ms > 8, 6 ms fits
     alphas = _drive(ctl, rt, [1.0] * 10 + [3.0] * 15 + [1.0] * 30)
     assert alphas[5] == 0.5
+    assert alphas[11] == 0.025  # load arrives at request 10: one request over budget, then the jump
     assert alphas[24] == 0.025  # under 3x load only the efficient end fits (6 ms)
-    assert alphas[-1] == 0.5  # back up once the load is gone
+    assert 0.5 in alphas[25:25 + 1 + ctl.dwell + 1]  # load gone: back up within the dwell, not after many steps
+    assert alphas[-1] == 0.5
     assert ctl.load_factor == pytest.approx(1.0, abs=0.05)
 
 
 def test_no_oscillation_at_the_boundary():
     rt = FakeRuntime()
-    ctl = BudgetController(rt, PROFILE, budget_ms=6.3, margin=0.15, dwell=3)
+    ctl = _controller(rt, budget_ms=6.3, margin=0.15, dwell=3)
     # measured latencies jitter ±4 % around the profile: 0.5 sits right at the budget's edge
     loads = [1.04 if i % 2 else 0.96 for i in range(60)]
     _drive(ctl, rt, loads)

@@ -68,8 +68,10 @@ def test_config_keys_and_errors():
         load_config(None, ["method.regime=quantized", "method.name=target"])
     with pytest.raises(LcsError, match="outside"):
         load_config(None, ["method.regime=quantized", "method.name=target", "method.target=9"])
-    with pytest.raises(LcsError, match="outside"):
+    with pytest.raises(LcsError, match="method.target=4.5 .*whole number of bits"):
         load_config(None, ["method.regime=quantized", "method.name=target", "method.target=4.5"])
+    with pytest.raises(LcsError, match="method.d_min"):  # regime fields are named as config keys
+        load_config(None, ["method.d_min=0"])
 
 
 # -- fake quantization -------------------------------------------------------------------------------

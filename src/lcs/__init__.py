@@ -17,14 +17,16 @@ from . import models
 from .artifact import load_compressed, save_compressed
 from .controller import BudgetController
 from .errors import LcsError
+from .files import DamagedFileError
 from .materialize import materialize
+from .quant import set_activation_quant
 from .regimes import QuantizedConfig, StructuredConfig, UnstructuredConfig
 from .runtime import Runtime, load_subspace, save_subspace
 from .subspace import Subspace, convert
 
 __all__ = ["models", "convert", "Subspace", "UnstructuredConfig", "StructuredConfig", "QuantizedConfig", "materialize",
            "save_compressed", "load_compressed", "Runtime", "save_subspace", "load_subspace", "BudgetController",
-           "LcsError", "Trainer", "load_config", "Config"]
+           "LcsError", "DamagedFileError", "set_activation_quant", "export_onnx", "Trainer", "load_config", "Config"]
 __version__ = "0.1.0"
 
 
@@ -34,6 +36,10 @@ def __getattr__(name: str):
         from .train import Trainer
 
         return Trainer
+    if name == "export_onnx":  # needs the onnx extra (onnx, onnxscript) only when called
+        from .onnx_export import export_onnx
+
+        return export_onnx
     if name in ("load_config", "Config"):
         from . import config
 

@@ -31,7 +31,8 @@ from .errors import LcsError, state_dict_error
 from .files import DamagedFileError, load_tensors, save_tensors, serialize_tensors
 from .quant import LayerQuant, attach_layer_quant, check_bits, codes_on_grid, folded_structure, layer_quants
 
-__all__ = ["FORMAT", "encode_state", "artifact_bytes", "save_compressed", "load_compressed", "pack_bits",
+__all__ = ["FORMAT", "encode_state", "network_meta", "dense_float32_bytes",
+           "artifact_bytes", "save_compressed", "load_compressed", "pack_bits",
            "unpack_bits", "pack_ints", "unpack_ints", "read_metadata"]
 
 FORMAT = "lcs.compressed"
@@ -131,6 +132,21 @@ def encode_state(model: nn.Module, meta: dict[str, Any] | None = None
     return tensors, {"lcs": json.dumps(header)}
 
 
+def network_meta(arch: dict[str, Any] | None, regime: str, method: str | None, alpha: float, level_name: str,
+                 level: float) -> dict[str, Any]:
+    """The header of the network at α as ``lcs export`` writes it: eval, export and profile all size
+    this same header, so they report the same byte count for the same α."""
+    meta = {"arch": arch, "regime": regime, "method": method, "alpha": alpha, level_name: level}
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def dense_float32_bytes(model: nn.Module) -> int:
+    """Bytes of a plain model's state dict in float32 (lcs's own buffers left out): the reference
+    for "% of dense" is this of the full-width, uncompressed network."""
+    return sum(t.numel() * 4 for name, t in model.state_dict().items()
+               if t.is_floating_point() and "lcs_" not in name)
+
+
 def artifact_bytes(model: nn.Module, meta: dict[str, Any] | None = None) -> int:
     """Exact size in bytes of the file ``save_compressed`` would write (serialized in memory)."""
     return len(serialize_tensors(*encode_state(model, meta)))
@@ -204,14 +220,18 @@ def _is_slim_of(shapes: dict[str, list[int]], own: dict[str, torch.Tensor]) -> b
     return fits and any(a != b for a, b in pairs)
 
 
-def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, kernels: str = "auto") -> nn.Module:
     """Load an artifact written by ``lcs export`` / ``save_compressed`` as a plain model in eval mode.
 
     Args:
         path: the ``.safetensors`` artifact.
         model: an uninitialized instance of the architecture, for models that are not in
             ``lcs.models``; by default the model is rebuilt by name from the file's metadata.
+        kernels: ``"auto"``: layers that are mostly zeros run on CSR kernels where a micro-benchmark on
+            this machine says they are faster (``lcs.kernels``); ``"dense"``: plain kernels only.
     """
+    if kernels not in ("auto", "dense"):
+        raise LcsError(f"kernels must be 'auto' or 'dense', got {kernels!r}")
     path = os.fspath(path)
     header = read_metadata(path)
     if header["format"] != FORMAT:
@@ -246,4 +266,8 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise LcsError(f"{path} does not match the architecture: {state_dict_error(e)}") from None
+    if kernels == "auto":
+        from .kernels import accelerate
+
+        accelerate(model)
     return model.eval()

@@ -83,18 +83,20 @@ def load_latest_intact(run_dir: str | os.PathLike, model: nn.Module,
     """Load the newest checkpoint that is intact; a damaged one is reported on stderr and skipped.
     Raises the newest damage error when none is intact."""
     first: DamagedFileError | None = None
-    for ckpt in list_checkpoints(run_dir):
+    candidates = list_checkpoints(run_dir)
+    for i, ckpt in enumerate(candidates):
         try:
             state = load_checkpoint(ckpt, model, opt)
         except DamagedFileError as e:
             first = first or e
-            print(f"lcs: {e}; trying the previous checkpoint", file=sys.stderr)
+            if i + 1 < len(candidates):
+                print(f"lcs: {e}; trying the previous checkpoint {candidates[i + 1].name}", file=sys.stderr)
             continue
         if first is not None:
             print(f"lcs: using the intact checkpoint {ckpt.name} (step {state.get('step')})", file=sys.stderr)
         return ckpt, state
     assert first is not None
-    raise DamagedFileError(f"{first} (and no earlier intact checkpoint is kept)")
+    raise DamagedFileError(str(first) if len(candidates) == 1 else f"{first} (no earlier intact checkpoint is kept)")
 
 
 def load_weights(path: Path, model: nn.Module) -> None:

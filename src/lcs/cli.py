@@ -84,7 +84,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .report import format_table, plot_bn_gaps, plot_runs
     from .run import arch_meta, load_run, open_data, resolve_device
 
-    cfg, sub, _ = load_run(args.run)
+    cfg, sub, state = load_run(args.run)
     for key, value in (("run.device", args.device), ("data.workers", args.workers)):
         if value is not None:  # where and how to evaluate, not what was trained: the run's config is kept
             cfg = apply_overrides(cfg, [f"{key}={value}"]).validate()
@@ -105,11 +105,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         keeps = _floats(args.keep) if args.keep else DEFAULT_GRIDS["structured"]  # kept fractions, like widths
         records = sweep_keep(sub, keeps, data, device, meta, latency)
     else:
-        records = sweep(sub, grid, data, device, meta, latency)
+        if not args.no_progress:
+            print(f"evaluating {len(grid)} α on {len(data.val):,} validation images ...", file=sys.stderr, flush=True)
+        records = sweep(sub, grid, data, device, meta, latency, progress=not args.no_progress)
     print(format_table(records))
+    _warn_if_busy(records, latency)
     run = Path(args.run)
     json_path = Path(args.json) if args.json else run / "eval.json"
-    payload = {"run": str(run), "regime": cfg.method.regime, "method": cfg.method.name, "records": records}
+    payload = {"run": str(run), "regime": cfg.method.regime, "method": cfg.method.name,
+               "provenance": _provenance(cfg, data, state), "records": records}
     write_json(json_path, payload)
     plot_path = json_path.with_suffix(".png")
     x = {"structured": "params", "quantized": "bits"}.get(cfg.method.regime, "sparsity")
@@ -124,6 +128,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                           f"mean {r['bn_mean_gap']:.3f} var {r['bn_var_gap']:.3f}" for r in records))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _provenance(cfg, data, state: dict) -> dict:
+    """Where an eval's figures come from: versions, seed, training length, data and split, date."""
+    import datetime
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    return {"lcs": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "threads": torch.get_num_threads(), "seed": cfg.run.seed,
+            "epochs": state.get("epoch"), "step": state.get("step"), "data": cfg.data.name,
+            "train_images": len(data.train), "val_images": len(data.val),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _warn_if_busy(records: list[dict], batches) -> None:
+    """Latency spread that says another process took the CPU: a p90 over twice its median."""
+    busy = [f"b{b} at α={r['alpha']:g} (median {r[f'latency_ms_b{b}']:.2f} ms, p90 {r[f'p90_ms_b{b}']:.2f} ms)"
+            for r in records for b in batches
+            if f"p90_ms_b{b}" in r and r[f"p90_ms_b{b}"] > 2 * r[f"latency_ms_b{b}"]]
+    if busy:
+        print(f"warning: the machine looked busy while timing {', '.join(busy[:3])}"
+              f"{' and more' if len(busy) > 3 else ''}: latency figures are unreliable; rerun on a quiet machine",
+              file=sys.stderr)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -166,14 +197,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 0
     if args.alpha is None:
         raise LcsError("export needs --alpha A (or --subspace for the whole subspace)")
+    from . import models
+    from .artifact import dense_float32_bytes, network_meta
     from .materialize import materialize
 
     level = sub.set_alpha(args.alpha)
     plain = materialize(sub, args.alpha)
-    dense = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
+    dense = dense_float32_bytes(models.create(meta["arch"]["name"], **meta["arch"]["kwargs"]))
     if args.format == "onnx":
         from .onnx_export import export_onnx
 
+        if not args.no_progress:
+            print("exporting to ONNX (torch.export + onnxscript: about half a minute) ...", file=sys.stderr,
+                  flush=True)
         size = export_onnx(plain, args.out, (3, cfg.data.image_size, cfg.data.image_size))
         note = {"unstructured": " (ONNX stores unstructured zeros densely)",
                 "quantized": " (ONNX holds quantized weights as uint8 codes + DequantizeLinear, one byte per "
@@ -182,9 +218,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     else:
         from .artifact import save_compressed
 
-        size = save_compressed(plain, args.out, {**meta, "alpha": args.alpha, sub.config.level_name: level})
+        size = save_compressed(plain, args.out, network_meta(meta["arch"], cfg.method.regime, cfg.method.name,
+                                                             args.alpha, sub.config.level_name, level))
         note = ""
-    print(f"wrote {args.out}: {size:,} bytes ({size / dense:.1%} of the dense float32 weights{note}), "
+    print(f"wrote {args.out}: {size:,} bytes ({size / dense:.1%} of the full dense float32 network's {dense:,}{note}), "
           f"α={args.alpha:g}, {sub.config.level_name}={level:g}")
     return 0
 
@@ -220,23 +257,41 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                          seed=info.get("seed", 0), image_size=shape[-1], cache_dir=cache_dir())
     from .profile import profile_runtime
 
-    records = profile_runtime(rt, grid, batches, shape, data=data)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(grid), desc="profile", unit="α", dynamic_ncols=True, leave=False)
+    try:
+        records = profile_runtime(rt, grid, batches, shape, data=data,
+                                  progress=(lambda rec: bar.update(1)) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    _warn_if_busy(records, batches)
     cols = list(_PROFILE_COLUMNS)
     for b in batches:
-        cols += [(f"latency_ms_b{b}", f"b{b} ms", "{:.2f}"), (f"p90_ms_b{b}", f"b{b} p90", "{:.2f}")]
+        cols += [(f"latency_ms_b{b}", f"b{b} ms", "{:.2f}"), (f"p90_ms_b{b}", f"b{b} p90", "{:.2f}"),
+                 (f"sparse_layers_b{b}", f"b{b} sparse", "{:d}")]
     cols += [("nonzero_params", "nonzero", "{:,}"), ("macs", "MACs", "{:,}"), ("bytes", "bytes", "{:,}"),
              ("accuracy", "accuracy", "{:.4f}")]
     print(format_table(records, cols))
     out = Path(args.json)
+    import datetime
+
+    from . import __version__
+
     payload = {"file": str(args.file), "regime": rt.regime, "batches": batches, "threads": torch.get_num_threads(),
+               "provenance": {"lcs": __version__, "torch": torch.__version__,
+                              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
                "records": records}
     write_json(out, payload)
     lat, acc = out.with_name(out.stem + "_latency.png"), out.with_name(out.stem + "_accuracy.png")
     plot_profile(records, batches, lat, acc if data is not None else None, title=f"{rt.regime}: latency vs α")
     print(f"wrote {out}, {lat}" + (f", {acc}" if data is not None else ""))
     if rt.regime == "unstructured":
-        print("note: unstructured sparsity runs on dense kernels here, so latency does not fall with α; "
-              "size and nonzero MACs do.")
+        print("note: 'bN sparse' counts the layers that run on CSR kernels at batch N (chosen per layer by a "
+              "micro-benchmark on this machine, cached in $LCS_CACHE)")
     return 0
 
 
@@ -258,6 +313,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     else:
         print("profiling (no --profile given) ...")
         records = profile_runtime(rt, quick_grid(rt.alpha_range), [args.batch], shape, repeats=10)
+    rt.tune(sorted({float(r["alpha"]) for r in records}), [args.batch], shape)  # no request pays for a measurement
     result = run_scenario(rt, records, args.budget_ms, args.seconds, args.load_at, args.batch, shape)
     print(timeline(result, step_s=max(0.5, args.seconds / 20)))
     for name, s in result["summary"].items():
@@ -313,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--keep", help="LEC runs: comma-separated fractions of channels kept (default 0.25..1.0)")
     e.add_argument("--device", help="cpu | cuda | cuda:N | auto (default: the run's run.device)")
     e.add_argument("--workers", type=int, help="DataLoader worker processes for streamed folders")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
     e.set_defaults(fn=_cmd_eval)
 
     pl = sp.add_parser("plot", help="overlay the eval curves of several runs")
@@ -328,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--subspace", action="store_true", help="write the whole subspace for lcs.Runtime")
     x.add_argument("--format", default="safetensors", choices=["safetensors", "onnx"])
     x.add_argument("--out", required=True)
+    x.add_argument("--no-progress", action="store_true", help="no status lines")
     x.set_defaults(fn=_cmd_export)
 
     pr = sp.add_parser("profile", help="measure latency, switch time, size (and accuracy) per α on this machine")
@@ -338,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data-root")
     pr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     pr.add_argument("--json", required=True, help="output JSON; plots go next to it")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.set_defaults(fn=_cmd_profile)
 
     ad = sp.add_parser("adapt", help="serve under a latency budget while a competing process starts")

@@ -169,6 +169,20 @@ class Config:
                            "would change with the width")
         _check(m.sandwich_random >= 0, "method.sandwich_random", m.sandwich_random, ">= 0")
         _check(m.l1 >= 0, "method.l1", m.l1, ">= 0")
+        # the regime's own fields, named as config keys (the regime config checks them again)
+        if m.regime == "unstructured":
+            _check(0 < m.d_min <= 1, "method.d_min", m.d_min, "in (0, 1]")
+            _check(m.bn_stats_bins >= 0, "method.bn_stats_bins", m.bn_stats_bins, ">= 0 (0: one shared set)")
+        if m.regime == "structured":
+            _check(0 < m.w_min <= m.w_max <= 1, "method.w_min/w_max", (m.w_min, m.w_max),
+                   "0 < w_min <= w_max <= 1")
+        if m.regime == "quantized":
+            for key in ("b_min", "b_max"):
+                _check(2 <= getattr(m, key) <= 16, f"method.{key}", getattr(m, key), "a whole number of bits in 2..16")
+            if m.b_min > m.b_max:
+                raise LcsError(f"the bit range is empty: method.b_min={m.b_min} > method.b_max={m.b_max}")
+        if m.line_init not in ("independent", "copy"):
+            raise LcsError(f"method.line_init={m.line_init!r} is invalid: must be independent or copy")
         regime = self.regime_config()  # validates d_min, widths, bits, line_init
         if m.regime == "structured" and m.name == "ns":
             if not m.ns_widths:
@@ -180,6 +194,8 @@ class Config:
                 raise LcsError("method 'target' needs a target level: --set method.target=0.1 (quantized: bits, "
                                "e.g. method.target=4)")
             if isinstance(regime, QuantizedConfig):
+                if m.target != int(m.target):
+                    raise LcsError(f"method.target={m.target!r} is invalid: must be a whole number of bits")
                 regime.alpha_of(m.target)
             else:
                 regime.level(m.target)

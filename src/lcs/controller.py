@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .errors import LcsError
 from .runtime import Runtime
 
 __all__ = ["BudgetController", "Decision"]
@@ -45,25 +46,28 @@ class BudgetController:
         smoothing: EMA weight of each new measurement in the load factor.
         margin: moving up requires predicted ≤ (1 − margin)·budget.
         dwell: requests to stay at an α after switching.
+        jump: a measured slowdown this far (×) from the load factor replaces it instead of being smoothed.
+        clock: seconds, monotonic (tests pass a simulated one).
     """
 
     def __init__(self, rt: Runtime, profile: Sequence[dict[str, Any]] | dict[str, Any] | str | os.PathLike,
-                 budget_ms: float, *, batch: int = 1, smoothing: float = 0.3, margin: float = 0.15, dwell: int = 3):
+                 budget_ms: float, *, batch: int = 1, smoothing: float = 0.3, margin: float = 0.15, dwell: int = 3,
+                 jump: float = 1.5, clock=time.perf_counter):
         if isinstance(profile, (str, os.PathLike)):
             with open(profile) as f:
                 profile = json.load(f)
         if isinstance(profile, dict):  # the JSON that `lcs profile` writes
             profile = profile["records"]
         if budget_ms <= 0:
-            raise ValueError(f"budget_ms must be > 0, got {budget_ms}")
+            raise LcsError(f"budget_ms must be > 0, got {budget_ms}")
         key = f"latency_ms_b{batch}"
         lo, hi = rt.alpha_range
         points = sorted((float(r["alpha"]), float(r[key])) for r in profile
                         if key in r and lo - 1e-9 <= r["alpha"] <= hi + 1e-9)
         if not points:
-            raise ValueError(f"the profile has no {key} entries inside the runtime's range [{lo:g}, {hi:g}]")
+            raise LcsError(f"the profile has no {key} entries inside the runtime's range [{lo:g}, {hi:g}]")
         self.rt, self.budget_ms, self.points = rt, float(budget_ms), points
-        self.smoothing, self.margin, self.dwell = smoothing, margin, dwell
+        self.smoothing, self.margin, self.dwell, self.jump, self.clock = smoothing, margin, dwell, jump, clock
         self.load_factor = 1.0
         self._since_switch = dwell
         self.feasible = True
@@ -97,8 +101,14 @@ class BudgetController:
         return best  # moving down is never delayed: the budget comes first
 
     def observe(self, alpha: float, latency_ms: float) -> None:
+        """Learn the load factor from one request. A measurement far from the current factor (load
+        arriving or going away: over ``jump``× off) replaces it at once, so the next request already
+        jumps to the α that fits; small deviations are smoothed, so noise does not make α flicker."""
         ratio = latency_ms / max(self.profiled_ms(alpha), 1e-6)
-        self.load_factor += self.smoothing * (ratio - self.load_factor)
+        if ratio > self.jump * self.load_factor or ratio * self.jump < self.load_factor:
+            self.load_factor = ratio
+        else:
+            self.load_factor += self.smoothing * (ratio - self.load_factor)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, Decision]:
@@ -110,8 +120,8 @@ class BudgetController:
         else:
             self._since_switch += 1
         predicted = self.predicted_ms(alpha)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         y = self.rt(x)
-        ms = (time.perf_counter() - t0) * 1e3
+        ms = (self.clock() - t0) * 1e3
         self.observe(alpha, ms)
         return y, Decision(alpha, ms, predicted, self.load_factor, self.feasible)

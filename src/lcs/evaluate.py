@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .artifact import artifact_bytes
+from .artifact import artifact_bytes, dense_float32_bytes, network_meta
 from .data import eval_batches
+from .errors import LcsError
+from .kernels import accelerate, kernel_report
 from .materialize import materialize
-from .profile import measure_latency
-from .regimes import QuantizedConfig, RegimeConfig, StructuredConfig
+from .profile import measure_latency, p90
+from .regimes import QuantizedConfig, RegimeConfig, StructuredConfig, check_alpha
 from .stats import count_macs, count_params, sparsity
 from .subspace import Subspace
 
 __all__ = ["DEFAULT_GRIDS", "default_grid", "sweep", "evaluate_point", "evaluate_accuracy", "norm_stat_gaps",
-           "measure_network"]
+           "measure_network", "check_grid"]
 
 # In levels (SPEC §4): densities for unstructured (= α), widths for structured, bits for quantized.
 DEFAULT_GRIDS = {
@@ -119,9 +122,16 @@ def measure_network(plain: torch.nn.Module, data, device: torch.device, meta: di
         "bytes": artifact_bytes(plain.cpu(), meta),
     }
     plain.to(device)
+    fast = plain
+    if latency_batches and device.type == "cpu" and compressed:  # time what deployment runs: the fast path
+        fast = copy.deepcopy(plain)
+        accelerate(fast, compressed)
     for b in latency_batches:
         x = torch.zeros(b, 3, data.image_size, data.image_size, device=device)
-        record[f"latency_ms_b{b}"] = statistics.median(measure_latency(plain, x, repeats=10, max_seconds=3.0))
+        times = measure_latency(fast, x, repeats=10, max_seconds=3.0)
+        record[f"latency_ms_b{b}"] = statistics.median(times)
+        record[f"p90_ms_b{b}"] = p90(times)
+        record[f"sparse_layers_b{b}"] = sum(d.get(b, False) for d in kernel_report(fast).values())
     gaps = norm_stat_gaps(plain, data, device)
     if gaps:
         record["bn_mean_gap"] = statistics.fmean(g["mean_gap"] for g in gaps.values())
@@ -140,15 +150,39 @@ def evaluate_point(sub: Subspace, alpha: float, data, device: torch.device, meta
     """
     level = sub.set_alpha(alpha)
     plain = materialize(sub, alpha, (3, data.image_size, data.image_size)).to(device)
+    header = network_meta(meta.get("arch"), sub.config.regime, meta.get("method"), alpha, sub.config.level_name,
+                          level)
     return {"alpha": alpha, sub.config.level_name: level,
-            **measure_network(plain, data, device, {**meta, "alpha": alpha}, latency_batches, sub.compressed)}
+            **measure_network(plain, data, device, header, latency_batches, sub.compressed)}
+
+
+def check_grid(sub: Subspace, grid: list[float]) -> list[float]:
+    """Every α of the grid validated before anything is evaluated (a bad last value must not cost
+    the whole sweep)."""
+    if not grid:
+        raise LcsError("the α grid is empty")
+    for a in grid:
+        check_alpha(a, *sub.alpha_range)
+    return grid
 
 
 def sweep(sub: Subspace, grid: list[float], data, device: torch.device, meta: dict[str, Any],
-          latency_batches: tuple[int, ...] = ()) -> list[dict[str, Any]]:
-    """Records for every α of ``grid`` (see ``evaluate_point``); the subspace's α is restored."""
+          latency_batches: tuple[int, ...] = (), *, progress: bool = False) -> list[dict[str, Any]]:
+    """Records for every α of ``grid`` (see ``evaluate_point``); the subspace's α is restored.
+    ``progress``: a tqdm bar over the grid (on stderr)."""
+    check_grid(sub, grid)
     old = (sub.state.alpha, sub.state.level)
     try:
-        return [evaluate_point(sub, a, data, device, meta, latency_batches) for a in grid]
+        items = grid
+        if progress:
+            from tqdm import tqdm
+
+            items = tqdm(grid, desc="eval", unit="α", dynamic_ncols=True, leave=False)
+        dense = dense_float32_bytes(materialize(sub, sub.alpha_range[1], (3, data.image_size, data.image_size)))
+        records = [evaluate_point(sub, a, data, device, meta, latency_batches) for a in items]
+        for r in records:
+            r["dense_bytes"] = dense
+            r["bytes_pct"] = 100.0 * r["bytes"] / dense  # of the full dense float32 network
+        return records
     finally:
         sub.state.alpha, sub.state.level = old

@@ -123,17 +123,17 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise DamagedFileError(f"{path} is truncated (no safetensors header)")
+                raise DamagedFileError(f"{path} is corrupted or truncated (no safetensors header)")
             (n,) = struct.unpack("<Q", head)
             if n > 100_000_000 or n > os.path.getsize(path):
-                raise DamagedFileError(f"{path} is not a safetensors file (header size {n})")
+                raise DamagedFileError(f"{path} is corrupted or truncated (not a safetensors header: {n} bytes)")
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise LcsError(f"no such file: {path}") from None
     except (ValueError, UnicodeDecodeError):
-        raise DamagedFileError(f"{path} has a corrupted safetensors header") from None
+        raise DamagedFileError(f"{path} is corrupted or truncated (unreadable safetensors header)") from None
     if not isinstance(header, dict):
-        raise DamagedFileError(f"{path} has a corrupted safetensors header")
+        raise DamagedFileError(f"{path} is corrupted or truncated (unreadable safetensors header)")
     meta = header.get("__metadata__") or {}
     return meta if isinstance(meta, dict) else {}
 

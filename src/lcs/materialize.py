@@ -37,7 +37,8 @@ def strip_parametrizations(model: nn.Module) -> nn.Module:
     return model
 
 
-def materialize(sub: Subspace, alpha: float, input_shape: tuple[int, ...] | None = None) -> nn.Module:
+def materialize(sub: Subspace, alpha: float, input_shape: tuple[int, ...] | None = None,
+                kernels: str = "dense") -> nn.Module:
     """A deep copy of the model with θ(α) compressed by f(·, γ(α)) baked in: ordinary Conv2d /
     Linear / norm modules, scriptable and exportable. The subspace itself is left untouched.
 
@@ -46,6 +47,10 @@ def materialize(sub: Subspace, alpha: float, input_shape: tuple[int, ...] | None
     into a quantized conv is merged into that conv's bias and replaced by ``nn.Identity``.
     Structured subspaces come out physically slim (fewer channels); sizing them takes one forward
     pass on zeros of ``input_shape`` (C, H, W), by default ``sub.input_shape``.
+
+    ``kernels="auto"`` lets the compressed layers run on CSR kernels where a micro-benchmark on this
+    machine says they are faster (``lcs.kernels``; ``Runtime`` and ``load_compressed`` do so by
+    default); the default ``"dense"`` keeps plain kernels, for export and further training.
 
     Example:
         >>> plain = lcs.materialize(sub, 0.1)   # doctest: +SKIP
@@ -62,4 +67,10 @@ def materialize(sub: Subspace, alpha: float, input_shape: tuple[int, ...] | None
                            "or set sub.input_shape")
         param = next(plain.parameters())
         slim_down(plain, channel_plan(plain, torch.zeros(1, *shape, dtype=param.dtype, device=param.device)))
+    if kernels == "auto":
+        from .kernels import accelerate
+
+        accelerate(plain, sub.compressed)
+    elif kernels != "dense":
+        raise LcsError(f"kernels must be 'auto' or 'dense', got {kernels!r}")
     return plain

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .artifact import artifact_bytes
+from .artifact import artifact_bytes, network_meta
 from .runtime import Runtime
 from .stats import count_macs, count_params
 
@@ -39,7 +39,7 @@ def measure_latency(fn, x: torch.Tensor, *, warmup: int = 3, repeats: int = 20,
     return times
 
 
-def _p90(values: Sequence[float]) -> float:
+def p90(values: Sequence[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
@@ -51,6 +51,7 @@ def profile_runtime(rt: Runtime, grid: Sequence[float], batches: Sequence[int], 
     batch size, ``params``, ``nonzero_params``, ``macs``, ``bytes`` and, with data, ``accuracy``."""
     records = []
     lo, hi = rt.alpha_range
+    rt.tune(list(grid), list(batches), input_shape)  # kernel choices measured (or read from cache) first
     for alpha in grid:
         rec: dict[str, Any] = {"alpha": alpha}
         other = hi if alpha != hi else lo
@@ -71,11 +72,14 @@ def profile_runtime(rt: Runtime, grid: Sequence[float], batches: Sequence[int], 
             reps = repeats if b <= 8 else max(5, repeats // 4)  # big batches: fewer, longer runs
             times = measure_latency(rt, torch.randn(b, *input_shape), repeats=reps)
             rec[f"latency_ms_b{b}"] = statistics.median(times)
-            rec[f"p90_ms_b{b}"] = _p90(times)
+            rec[f"p90_ms_b{b}"] = p90(times)
+            rec[f"sparse_layers_b{b}"] = sum(d.get(b, False) for d in rt.kernel_report().values())
         net = rt.network
         rec["params"], rec["nonzero_params"] = count_params(net)
         rec["macs"], rec["dense_macs"] = count_macs(net, input_shape)
-        rec["bytes"] = artifact_bytes(net)
+        rec["bytes"] = artifact_bytes(net, network_meta(rt.header.get("arch"), rt.regime, rt.header.get("method"),
+                                                        alpha, rt.level_name, rec[rt.level_name]))
+        rec["dense_bytes"] = rt.dense_bytes
         if data is not None:
             from .evaluate import evaluate_accuracy
 

@@ -239,7 +239,9 @@ class QuantizedConfig(RegimeConfig):
 
     def alpha_of(self, bits: float) -> float:
         """The upper edge of the bin of ``bits``: the α that LCS+L trains for that bit width."""
-        if bits != int(bits) or not (self.b_min <= bits <= self.b_max):
+        if bits != int(bits):
+            raise LcsError(f"bits={bits!r} is not a whole number of bits")
+        if not (self.b_min <= bits <= self.b_max):
             raise LcsError(f"bits={bits!r} is outside the subspace's bit range {self.b_min}..{self.b_max}")
         return (int(bits) - self.b_min + 1) / self.num_levels
 

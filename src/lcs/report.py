@@ -13,7 +13,9 @@ _COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("width
             ("loss", "loss", "{:.3f}"), ("sparsity", "sparsity", "{:.3f}"),
             ("overall_sparsity", "overall", "{:.3f}"), ("params", "params", "{:,}"),
             ("nonzero_params", "nonzero", "{:,}"), ("macs", "MACs", "{:,}"), ("bytes", "bytes", "{:,}"),
-            ("latency_ms_b1", "b1 ms", "{:.2f}"), ("latency_ms_b64", "b64 ms", "{:.1f}"),
+            ("bytes_pct", "% dense", "{:.1f}"),
+            ("latency_ms_b1", "b1 ms", "{:.2f}"), ("sparse_layers_b1", "b1 sparse", "{:d}"),
+            ("latency_ms_b64", "b64 ms", "{:.1f}"), ("sparse_layers_b64", "b64 sparse", "{:d}"),
             ("bn_mean_gap", "BN μ gap", "{:.3f}"), ("bn_var_gap", "BN σ² gap", "{:.3f}")]
 
 

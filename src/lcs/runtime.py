@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifact import read_metadata
+from .artifact import dense_float32_bytes, read_metadata
 from .bn_stats import freeze_bn_stats
 from .errors import LcsError, state_dict_error
 from .files import load_tensors, save_tensors
+from .kernels import accelerate, kernel_report
 from .materialize import strip_parametrizations
 from .quant import FakeQuant, fold_batchnorm, freeze_quantizers, layer_quants, weight_qparams
 from .regimes import regime_from_dict, regime_to_dict
@@ -100,7 +101,10 @@ class Runtime:
     network at that α. Switches are serialized by a lock; inference never waits for one.
     """
 
-    def __init__(self, sub: Subspace, header: dict[str, Any]):
+    def __init__(self, sub: Subspace, header: dict[str, Any], kernels: str = "auto"):
+        if kernels not in ("auto", "dense"):
+            raise LcsError(f"kernels must be 'auto' or 'dense', got {kernels!r}")
+        self.kernels = kernels
         self._sub = sub
         self.header = header
         self._lock = threading.Lock()
@@ -129,11 +133,28 @@ class Runtime:
         self._current: tuple[float, float, nn.Module] = (float("nan"), float("nan"), self._template)
         self.last_switch_ms = 0.0
         self.set_alpha(self.alpha_range[1])
+        self.dense_bytes = dense_float32_bytes(self.network)  # float32 bytes at the top α: "% of dense"
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Runtime:
-        """Load a subspace artifact (``lcs export RUN --subspace``)."""
-        return cls(*load_subspace(path, model))
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None, kernels: str = "auto") -> Runtime:
+        """Load a subspace artifact (``lcs export RUN --subspace``). ``kernels="auto"``: unstructured
+        layers run on CSR kernels where a micro-benchmark on this machine says they are faster
+        (``lcs.kernels``); ``"dense"``: always the dense kernels."""
+        return cls(*load_subspace(path, model), kernels=kernels)
+
+    def tune(self, grid: list[float], batches: list[int], input_shape: tuple[int, ...]) -> None:
+        """Measure the kernel choice of every layer at every α of ``grid`` and batch size, ahead of
+        serving, so that no request pays for a measurement (decisions are cached on disk)."""
+        old = self.alpha
+        for a in grid:
+            self.set_alpha(a)
+            for b in batches:
+                self(torch.zeros(b, *input_shape))
+        self.set_alpha(old)
+
+    def kernel_report(self) -> dict[str, dict[int, bool]]:
+        """{layer: {batch: runs sparse}} of the network currently served."""
+        return kernel_report(self.network)
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -194,6 +215,8 @@ class Runtime:
             fold_batchnorm(freeze_bn_stats(net, self._sub.alpha, level))
             if self._slim_state is not None:
                 slim_down(net, self._plan(level))
+            if self.kernels == "auto":  # mostly-zero layers: CSR kernels where they measured faster here
+                accelerate(net, self._sub.compressed)
             self._current = (self._sub.alpha, level, net)  # one assignment: readers see old or new
             self.last_switch_ms = (time.perf_counter() - t0) * 1e3
             return level

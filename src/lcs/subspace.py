@@ -137,6 +137,37 @@ def _line_init(module: nn.Module, name: str, line_init: str) -> str:
     return "matched" if name == "weight" else "zeros"
 
 
+def _nothing_to_compress(model: nn.Module, custom_filter: bool) -> str:
+    layers = _leaf_layers(model)
+    others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv3d,
+                                                                                  nn.ConvTranspose2d))})
+    if custom_filter:
+        why = "filter_fn selected none of its Conv2d/Linear layers"
+    elif not layers:
+        why = "the model has no Conv2d or Linear layer"
+    else:
+        why = (f"it has only {len(layers)} Conv2d/Linear layer(s), and the default filter keeps the first "
+               f"and the last dense (the stem and the classifier); pass filter_fn to choose layers")
+    unsupported = f" ({', '.join(others)} layers are not supported)" if others else ""
+    return f"nothing to compress: {why}{unsupported}"
+
+
+def _warn_if_mostly_dense(model: nn.Module, compressed: set[str]) -> None:
+    """A model whose chosen layers hold a small share of its weights compresses little: say so."""
+    import warnings
+
+    layers = [(fqn, m) for fqn, m in _leaf_layers(model)
+              if not isinstance(m.weight, nn.parameter.UninitializedParameter)]  # lazy layers: sizes unknown yet
+    total = sum(m.weight.numel() for _, m in layers)
+    chosen = sum(m.weight.numel() for fqn, m in layers if fqn in compressed)
+    if total and chosen / total < 0.5:
+        dense = max(((fqn, m) for fqn, m in layers if fqn not in compressed),
+                    key=lambda fm: fm[1].weight.numel())
+        warnings.warn(f"only {chosen / total:.0%} of the Conv2d/Linear weights compress: {dense[0]!r} alone keeps "
+                      f"{dense[1].weight.numel():,} weights dense (the default filter keeps the first and last "
+                      f"layers dense); pass filter_fn to compress it", stacklevel=3)
+
+
 class Subspace:
     """A converted model plus its α. Use ``set_alpha`` (or ``with sub.at(a):``) to move on it.
 
@@ -250,7 +281,8 @@ def convert(model: nn.Module, config: RegimeConfig, *, filter_fn: FilterFn | Non
     chosen = filter_fn or regime.default_filter(model)
     compressed = [fqn for fqn, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and chosen(m, fqn)]
     if not compressed:
-        raise LcsError("no layer was selected for compression: check filter_fn")
+        raise LcsError(_nothing_to_compress(model, filter_fn is not None))
+    _warn_if_mostly_dense(model, set(compressed))
     if regime.prepare is not None:
         regime.prepare(model, state, config, set(compressed))
     lines: list[tuple[str, str]] = []

@@ -1,0 +1,134 @@
+"""Sparse kernels: CSR conv / linear equal the dense kernels; the per-layer choice follows the
+measurement, is cached, and never changes what the network computes."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lcs
+from lcs.kernels import KernelChooser, SparseConv2d, accelerate, csr_conv2d, csr_linear, dense_kernels, kernel_report
+
+
+class Always(KernelChooser):
+    def __init__(self, sparse: bool):
+        super().__init__(path="")
+        self.sparse = sparse
+
+    def decide(self, layer, x):
+        return self.sparse
+
+
+def _sparse_weight(shape, density, gen):
+    w = torch.randn(*shape, generator=gen)
+    return w * (torch.rand(*shape, generator=gen) < density)
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation", [(1, 1, 0, 1), (1, 2, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1),
+                                                       (5, 1, 2, 2), (3, 1, 0, 1)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_csr_conv_equals_dense_conv(k, stride, padding, dilation, batch):
+    g = torch.Generator().manual_seed(k * 10 + stride)
+    conv = nn.Conv2d(6, 10, k, stride=stride, padding=padding, dilation=dilation)
+    conv.weight.data = _sparse_weight(conv.weight.shape, 0.1, g)
+    x = torch.randn(batch, 6, 13, 11, generator=g)
+    csr = conv.weight.reshape(10, -1).to_sparse_csr()
+    with torch.no_grad():
+        assert torch.allclose(csr_conv2d(x, csr, conv, conv.bias), conv(x), atol=1e-5)
+
+
+def test_csr_linear_equals_dense_linear():
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(30, 7)
+    lin.weight.data = _sparse_weight(lin.weight.shape, 0.2, g)
+    x = torch.randn(4, 5, 30, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(csr_linear(x, lin.weight.to_sparse_csr(), lin.bias), lin(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.025, 0.1, 0.3])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_accelerated_network_equals_dense_network(alpha, batch):
+    sub = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10), lcs.UnstructuredConfig(geometry="point"))
+    sub.model.eval()
+    ref = lcs.materialize(sub, alpha)
+    fast = lcs.materialize(sub, alpha)
+    n = accelerate(fast, sub.compressed, chooser=Always(True))
+    assert n == len(sub.compressed)  # every compressed layer is at most 30 % dense here
+    x = torch.randn(batch, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), ref(x), atol=1e-4)
+    report = kernel_report(fast)
+    assert set(report) == set(sub.compressed) and all(d == {batch: True} for d in report.values())
+    assert fast.state_dict().keys() == ref.state_dict().keys()  # artifacts see ordinary layers
+    dense_kernels(fast)
+    assert not any(isinstance(m, SparseConv2d) for m in fast.modules())
+
+
+def test_dense_layers_are_not_touched_and_training_stays_dense():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1))
+    with torch.no_grad():
+        net[1].weight.mul_(torch.rand_like(net[1].weight) < 0.1)
+    assert accelerate(net, chooser=Always(True)) == 1  # the dense first conv stays nn.Conv2d
+    assert type(net[0]) is nn.Conv2d and isinstance(net[1], SparseConv2d)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    net(x).sum().backward()  # autograd takes the dense kernel
+    assert net[1].lcs_decisions == {}
+
+
+def test_choice_follows_the_measurement_and_is_cached(tmp_path, monkeypatch):
+    path = tmp_path / "kernels.json"
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.05)
+    net, net2 = nn.Sequential(conv), nn.Sequential(copy.deepcopy(conv))
+    chooser = KernelChooser(path=str(path), repeats=1)
+    timings = iter([2.0, 1.0, 1.0, 2.0])  # batch 1: sparse twice as fast; batch 8: dense twice as fast
+    monkeypatch.setattr(chooser, "_time", lambda fn, x: next(timings))
+    accelerate(net, chooser=chooser)
+    with torch.no_grad():
+        net(torch.randn(1, 16, 8, 8))
+        net(torch.randn(8, 16, 8, 8))
+    assert net[0].lcs_decisions == {1: True, 8: False}
+    table = json.loads(path.read_text())
+    assert sorted(v["sparse"] for v in table.values()) == [False, True]
+    again = KernelChooser(path=str(path))  # a new process reads the decisions instead of measuring
+    monkeypatch.setattr(again, "_time", lambda fn, x: pytest.fail("measured again"))
+    accelerate(net2, chooser=again)
+    with torch.no_grad():
+        net2(torch.randn(1, 16, 8, 8))
+    assert net2[0].lcs_decisions == {1: True}
+
+
+def test_a_tie_keeps_the_dense_kernel(monkeypatch):
+    chooser = KernelChooser(path="", repeats=1)
+    monkeypatch.setattr(chooser, "_time", lambda fn, x: 1.0)
+    net = nn.Sequential(nn.Linear(64, 64))
+    with torch.no_grad():
+        net[0].weight.mul_(torch.rand_like(net[0].weight) < 0.05)
+    accelerate(net, chooser=chooser)
+    with torch.no_grad():
+        net(torch.randn(2, 64))
+    assert net[0].lcs_decisions == {2: False}
+
+
+def test_runtime_serves_sparse_kernels_with_equal_outputs(tmp_path, monkeypatch):
+    import lcs.kernels as k
+
+    monkeypatch.setattr(k, "_DEFAULT_CHOOSER", Always(True))
+    sub = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10), lcs.UnstructuredConfig())
+    sub.model.eval()
+    path = tmp_path / "s.safetensors"
+    lcs.save_subspace(sub, path, {"name": "cpreresnet20", "kwargs": {"num_classes": 10, "norm": "gn"}})
+    rt = lcs.Runtime.load(path)
+    x = torch.randn(2, 3, 32, 32)
+    for a in (0.05, 0.5, 1.0):
+        rt.set_alpha(a)
+        with sub.at(a), torch.no_grad():
+            assert torch.allclose(rt(x), sub.model(x), atol=1e-4)
+        sparse = [f for f, d in rt.kernel_report().items() if d.get(2)]
+        assert (len(sparse) == len(sub.compressed)) == (a <= 0.5)  # density 1: nothing to gain, dense
