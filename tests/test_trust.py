@@ -157,3 +157,38 @@ def test_divergence_stops_at_the_step_and_keeps_the_checkpoint(two_checkpoints, 
 def test_json_outputs_are_strict():
     text = dumps_json({"loss": float("nan"), "xs": [1.0, float("inf")]})
     assert json.loads(text) == {"loss": None, "xs": [1.0, None]}
+
+
+def _loaders(tiny_digits, seed: int = 0):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lcs.data import normalize
+
+    def ds(split):
+        return TensorDataset(normalize(split.images, tiny_digits.mean, tiny_digits.std), split.labels)
+
+    train = DataLoader(ds(tiny_digits.train), batch_size=32, shuffle=True, generator=torch.Generator(),
+                       drop_last=True)
+    val = DataLoader(ds(tiny_digits.val), batch_size=50)
+    return lcs.LoaderData(train, val, num_classes=10)
+
+
+def test_trainer_takes_user_dataloaders_and_resumes_exactly(tmp_path, tiny_digits):
+    cfg = load_config(None, FAST + ["optim.epochs=2"])
+    full = Trainer(cfg, tmp_path / "full", data=_loaders(tiny_digits))
+    records = full.fit()
+    assert full.step == 2 * (192 // 32) and len(records) == 2 and 0 <= records[-1]["val_acc_hi"] <= 1
+    part = Trainer(load_config(None, FAST + ["optim.epochs=2"]), tmp_path / "part", data=_loaders(tiny_digits))
+    part.fit(stop_after_epoch=1)
+    resumed = Trainer(load_config(None, FAST + ["optim.epochs=2"]), tmp_path / "part", data=_loaders(tiny_digits),
+                      resume=True)
+    resumed.fit()
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_loader_data_rejects_bad_input(tiny_digits):
+    with pytest.raises(lcs.LcsError, match="DataLoader"):
+        lcs.LoaderData([1, 2], _loaders(tiny_digits).val_loader, num_classes=10)
+    with pytest.raises(lcs.LcsError, match="num_classes"):
+        lcs.LoaderData(_loaders(tiny_digits).train_loader, _loaders(tiny_digits).val_loader, num_classes=1)

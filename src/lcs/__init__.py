@@ -18,6 +18,7 @@ from .artifact import load_compressed, save_compressed
 from .controller import BudgetController
 from .errors import LcsError
 from .files import DamagedFileError
+from .loaders import LoaderData
 from .materialize import materialize
 from .quant import set_activation_quant
 from .regimes import QuantizedConfig, StructuredConfig, UnstructuredConfig
@@ -26,7 +27,8 @@ from .subspace import Subspace, convert
 
 __all__ = ["models", "convert", "Subspace", "UnstructuredConfig", "StructuredConfig", "QuantizedConfig", "materialize",
            "save_compressed", "load_compressed", "Runtime", "save_subspace", "load_subspace", "BudgetController",
-           "LcsError", "DamagedFileError", "set_activation_quant", "export_onnx", "Trainer", "load_config", "Config"]
+           "LcsError", "DamagedFileError", "LoaderData", "set_activation_quant", "export_onnx", "Trainer",
+           "load_config", "Config"]
 __version__ = "0.1.0"
 
 

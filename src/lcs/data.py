@@ -634,6 +634,8 @@ def train_batches(
     A pure function of (seed, epoch): ``start_batch`` resumes mid-epoch without recomputing earlier
     batches, and rank r of world_size gets rows [r*b/ws, (r+1)*b/ws) of every global batch.
     """
+    if hasattr(data, "train_epoch"):  # the user's own DataLoaders (lcs.loaders.LoaderData)
+        return data.train_epoch(int(epoch), int(seed), int(start_batch), torch.device(device))
     n = len(data.train)
     total = num_batches(n, batch_size, world_size=world_size)
     if not _is_int(rank) or not 0 <= rank < world_size:
@@ -676,6 +678,10 @@ def eval_batches(data: ImageData | StreamData, split: str = "val", batch_size: i
     if split not in ("train", "val"):
         raise LcsError(f"split={split!r} is not one of 'train', 'val'")
     _check_batch(batch_size, 1)
+    if hasattr(data, "val_batches"):  # the user's own DataLoaders (lcs.loaders.LoaderData)
+        if split != "val":
+            raise LcsError("user DataLoaders provide the validation split only")
+        return data.val_batches(torch.device(device))
     if isinstance(data, StreamData):
         return stream_eval_batches(data, split, int(batch_size), torch.device(device))
     part: Split = getattr(data, split)

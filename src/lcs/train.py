@@ -23,6 +23,7 @@ from .distributed import init_distributed
 from .errors import LcsError
 from .evaluate import evaluate_accuracy
 from .files import dumps_json
+from .loaders import LoaderData
 from .methods import Method, build_method
 from .quant import set_activation_quant
 from .run import build_subspace, open_data, resolve_device
@@ -56,11 +57,14 @@ class Trainer:
     Args:
         cfg: a validated Config.
         out_dir: the run directory (config.yaml, metrics.jsonl, checkpoints/).
-        data: pre-loaded data (tests); by default loaded from the config.
+        data: pre-loaded data, or the user's own DataLoaders as ``lcs.LoaderData(train, val,
+            num_classes)`` (any Dataset and transforms; resume and DDP guarantees in ``lcs.loaders``);
+            by default loaded from the config.
         resume: continue from the latest checkpoint in ``out_dir``.
     """
 
-    def __init__(self, cfg: Config, out_dir: str | Path, *, data: ImageData | None = None, resume: bool = False):
+    def __init__(self, cfg: Config, out_dir: str | Path, *, data: ImageData | LoaderData | None = None,
+                 resume: bool = False):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.device = resolve_device(cfg.run.device)
@@ -95,10 +99,13 @@ class Trainer:
 
             self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                if self.device.type == "cuda" else None)
-        self.steps_per_epoch = num_batches(len(self.data.train.labels), cfg.data.batch_size)
+        if hasattr(self.data, "steps_per_epoch"):  # the user's DataLoaders set their own batches
+            self.steps_per_epoch = self.data.steps_per_epoch()
+        else:
+            self.steps_per_epoch = num_batches(len(self.data.train), cfg.data.batch_size)
         if self.steps_per_epoch == 0:
             raise LcsError(f"batch_size={cfg.data.batch_size} is larger than the training set "
-                           f"({len(self.data.train.labels)} images)")
+                           f"({len(self.data.train)} images)")
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.method: Method = build_method(cfg.method, cfg.method.regime, cfg.method.name, self.sub.config,

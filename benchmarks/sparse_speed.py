@@ -1,0 +1,97 @@
+"""Unstructured networks on sparse kernels vs the same networks on dense kernels, side by side.
+
+For each model and density: the plain network at that density (TopK of a converted model, as
+``lcs.materialize`` gives it) run on dense kernels, and the same network after ``lcs.kernels.
+accelerate`` (each layer on the kernel its micro-benchmark picked here), timed interleaved in one
+process (dense, sparse, dense, sparse, ...), so load changes hit both alike. Prints the speed-up
+(dense ms / sparse ms), how many layers run sparse, and checks the outputs agree; writes JSON.
+
+Targets (issue 15): cPreResNet20 at density 0.05: ≥ 1.5× at batch 64, ≥ 1.3× at batch 1; ResNet18
+(224×224) at 0.05: ≥ 2.5× at batch 1, at 0.1: ≥ 2×; no density slower than 0.95× dense.
+
+    python benchmarks/sparse_speed.py [--threads 2] [--repeats 15] [--json benchmarks/results/sparse_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import lcs
+from lcs.alloc import keep_freed_memory
+from lcs.kernels import KernelChooser, accelerate, kernel_report
+
+CASES = [("cpreresnet20", (3, 32, 32), (1, 64), (0.025, 0.05, 0.1, 0.25, 0.5, 1.0)),
+         ("resnet18", (3, 224, 224), (1,), (0.05, 0.1, 0.25, 0.5, 1.0))]
+
+
+def _interleaved(a, b, x: torch.Tensor, repeats: int) -> tuple[list[float], list[float]]:
+    ta, tb = [], []
+    with torch.no_grad():
+        for fn in (a, b):
+            fn(x)
+        for _ in range(repeats):
+            for fn, out in ((a, ta), (b, tb)):
+                t0 = time.perf_counter()
+                fn(x)
+                out.append((time.perf_counter() - t0) * 1e3)
+    return ta, tb
+
+
+def bench(name: str, shape: tuple[int, ...], batches: tuple[int, ...], densities: tuple[float, ...],
+          repeats: int, chooser: KernelChooser) -> list[dict]:
+    torch.manual_seed(0)
+    sub = lcs.convert(lcs.models.create(name, num_classes=10 if name == "cpreresnet20" else 1000),
+                      lcs.UnstructuredConfig(geometry="point", d_min=min(densities)))
+    sub.model.eval()
+    rows = []
+    for d in densities:
+        dense = lcs.materialize(sub, d)
+        fast = lcs.materialize(sub, d)
+        accelerate(fast, sub.compressed, chooser=chooser)
+        for b in batches:
+            x = torch.randn(b, *shape)
+            with torch.no_grad():
+                err = float((fast(x) - dense(x)).abs().max())  # also measures the kernel choice (cached)
+            reps = repeats if b == 1 else max(5, repeats // 3)
+            td, ts = _interleaved(dense, fast, x, reps)
+            md, ms = statistics.median(td), statistics.median(ts)
+            sparse = sum(v.get(b, False) for v in kernel_report(fast).values())
+            row = {"model": name, "density": d, "batch": b, "dense_ms": md, "sparse_ms": ms, "speedup": md / ms,
+                   "sparse_layers": sparse, "compressed_layers": len(sub.compressed), "max_abs_diff": err}
+            rows.append(row)
+            print(f"{name:>13} d={d:<5g} b{b:<3d} dense {md:8.2f} ms  fast {ms:8.2f} ms  {md / ms:5.2f}x  "
+                  f"{sparse:2d}/{len(sub.compressed)} layers sparse  max|diff| {err:.1e}", flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--models", default="cpreresnet20,resnet18")
+    p.add_argument("--json", default="benchmarks/results/sparse_speed.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    with tempfile.TemporaryDirectory() as tmp:  # a fresh decision cache: every choice measured in this run
+        chooser = KernelChooser(path=str(Path(tmp) / "kernels.json"))
+        rows = [r for name, shape, batches, densities in CASES if name in args.models.split(",")
+                for r in bench(name, shape, batches, densities, args.repeats, chooser)]
+    out = {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
+           "threads": args.threads, "rows": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    worst = min(r["speedup"] for r in rows)
+    print(f"slowest case: {worst:.2f}x dense; wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
