@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench clean readme-table
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,14 @@ demo: $(VENV)/.installed
 	rm -rf runs/demo
 	$(VENV)/bin/lcs train --regime unstructured --method lcs_l --model cpreresnet20 --data digits --out runs/demo
 	$(VENV)/bin/lcs eval runs/demo
+	-$(PY) tools/readme_demo_table.py --check runs/demo/eval.json
+
+readme-table: $(VENV)/.installed
+	test -f runs/demo/eval.json || $(MAKE) demo
+	$(PY) tools/readme_demo_table.py --write runs/demo/eval.json
 
 test: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) -m pytest -q
 
 test-slow: $(VENV)/.installed

@@ -1,5 +1,11 @@
 """Would integer kernels make a quantized cPreResNet20 faster on this CPU? Measured per layer.
 
+Three integer paths against their float references, per conv, interleaved in rounds:
+* onnxruntime ConvInteger (the unoptimized op) and QLinearConv (the fused QDQ op: u8 activations,
+  s8 weights, requantized u8 output) against onnxruntime's float Conv;
+* PyTorch's fbgemm quantized conv (``torch.ao.nn.quantized.Conv2d``, AVX2 int8 kernels; input
+  quantized per call, output dequantized, both NCHW and channels-last inputs) against ``F.conv2d``.
+
 A quantized lcs network computes conv(DQ(x), DQ(w)): both operands on a b-bit grid (b ≤ 8), the
 output in float. onnxruntime expresses exactly that with integer kernels as
 QuantizeLinear(x) → ConvInteger(x_u8, w_u8) → Cast → Mul(s_x·s_w) (int32 accumulation: exact).
@@ -44,7 +50,7 @@ def conv_shapes(image_size: int = 32) -> list[dict]:
     return shapes
 
 
-def build(layer: dict, integer: bool) -> bytes:
+def build(layer: dict, kind: str) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -52,9 +58,21 @@ def build(layer: dict, integer: bool) -> bytes:
     attrs = {"pads": [layer["pad"]] * 4, "strides": [layer["stride"]] * 2}
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", layer["cin"], layer["hw"], layer["hw"]])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    if not integer:
+    if kind == "float":
         inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), "w")]
         nodes = [helper.make_node("Conv", ["x", "w"], ["y"], **attrs)]
+    elif kind == "qlinear":
+        inits = [numpy_helper.from_array(rng.integers(-127, 128, shape).astype(np.int8), "w_q"),
+                 numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+                 numpy_helper.from_array(np.array(0, np.uint8), "x_zero"),
+                 numpy_helper.from_array(np.array(0.004, np.float32), "w_scale"),
+                 numpy_helper.from_array(np.array(0, np.int8), "w_zero"),
+                 numpy_helper.from_array(np.array(0.05, np.float32), "y_scale"),
+                 numpy_helper.from_array(np.array(128, np.uint8), "y_zero")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"]),
+                 helper.make_node("QLinearConv", ["x_q", "x_scale", "x_zero", "w_q", "w_scale", "w_zero",
+                                                  "y_scale", "y_zero"], ["y_q"], **attrs),
+                 helper.make_node("DequantizeLinear", ["y_q", "y_scale", "y_zero"], ["y"])]
     else:
         inits = [numpy_helper.from_array(rng.integers(0, 256, shape).astype(np.uint8), "w_q"),
                  numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
@@ -71,6 +89,33 @@ def build(layer: dict, integer: bool) -> bytes:
     return model.SerializeToString()
 
 
+PAIRS = [("integer", "float"), ("qlinear", "float"), ("fbgemm", "torch_float"), ("fbgemm_nhwc", "torch_float")]
+
+
+def _ort_fn(session, x):
+    return lambda: session.run(None, x)
+
+
+def _torch_fns(layer: dict, x_np) -> dict:
+    """fbgemm's int8 conv (input quantized per call, output dequantized) and torch's float conv."""
+    import torch.nn.functional as F
+
+    torch.backends.quantized.engine = "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines else "qnnpack"
+    x = torch.from_numpy(x_np)
+    w = torch.randn(layer["cout"], layer["cin"], layer["k"], layer["k"])
+    q = torch.ao.nn.quantized.Conv2d(layer["cin"], layer["cout"], layer["k"], stride=layer["stride"],
+                                     padding=layer["pad"])
+    q.set_weight_bias(torch.quantize_per_tensor(w, 0.004, 0, torch.qint8), None)
+    q.scale, q.zero_point = 0.05, 128
+    x_nhwc = x.contiguous(memory_format=torch.channels_last)
+
+    def fbgemm(inp):
+        return lambda: q(torch.quantize_per_tensor(inp, 0.02, 0, torch.quint8)).dequantize()
+
+    return {"torch_float": lambda: F.conv2d(x, w, None, layer["stride"], layer["pad"]),
+            "fbgemm": fbgemm(x), "fbgemm_nhwc": fbgemm(x_nhwc)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", default="1,64")
@@ -83,6 +128,7 @@ def main() -> None:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     layers = conv_shapes()
+    torch.set_num_threads(args.threads)
     result: dict = {"benchmark": "int8_conv", "model": "cpreresnet20", "threads": args.threads,
                     "onnxruntime": ort.__version__, "machine": platform.machine(), "rounds": args.rounds,
                     "batches": {}}
@@ -91,25 +137,29 @@ def main() -> None:
         for layer in layers:
             x = {"x": np.random.default_rng(1).random((batch, layer["cin"], layer["hw"], layer["hw"]),
                                                       dtype=np.float32)}
-            sessions = {kind: ort.InferenceSession(build(layer, kind == "integer"), opts,
-                                                   providers=["CPUExecutionProvider"])
-                        for kind in ("float", "integer")}
-            times: dict[str, list[float]] = {k: [] for k in sessions}
-            for s in sessions.values():
-                s.run(None, x)
+            fns = {kind: _ort_fn(ort.InferenceSession(build(layer, kind), opts,
+                                                      providers=["CPUExecutionProvider"]), x)
+                   for kind in ("float", "integer", "qlinear")}
+            fns.update(_torch_fns(layer, x["x"]))
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            for fn in fns.values():
+                fn()
             for _ in range(args.rounds):
-                for kind, s in sessions.items():
+                for kind, fn in fns.items():
                     t0 = time.perf_counter()
-                    s.run(None, x)
+                    fn()
                     times[kind].append(time.perf_counter() - t0)
             rows.append({**layer, **{f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}})
-        total_f = sum(r["float_ms"] for r in rows)
-        total_i = sum(r["integer_ms"] for r in rows)
-        wins = sum(r["float_ms"] > r["integer_ms"] for r in rows)
-        result["batches"][str(batch)] = {"layers": rows, "float_ms": total_f, "integer_ms": total_i,
-                                         "speedup": total_f / total_i, "layers_faster": wins}
-        print(f"batch {batch}: all {len(rows)} convs float {total_f:.2f} ms, integer {total_i:.2f} ms: "
-              f"speedup {total_f / total_i:.2f}x (integer faster in {wins} of {len(rows)} layers)")
+        summary = {"layers": rows}
+        for kind, ref in PAIRS:
+            t_ref = sum(r[f"{ref}_ms"] for r in rows)
+            t_int = sum(r[f"{kind}_ms"] for r in rows)
+            wins = sum(r[f"{ref}_ms"] > r[f"{kind}_ms"] for r in rows)
+            summary[kind] = {"ms": t_int, "reference": ref, "reference_ms": t_ref, "speedup": t_ref / t_int,
+                             "layers_faster": wins}
+            print(f"batch {batch}: {kind:>14} {t_int:8.2f} ms vs {ref:>11} {t_ref:8.2f} ms: {t_ref / t_int:.2f}x "
+                  f"(faster in {wins} of {len(rows)} convs)")
+        result["batches"][str(batch)] = summary
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")

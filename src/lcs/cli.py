@@ -157,6 +157,19 @@ def _warn_if_busy(records: list[dict], batches) -> None:
               file=sys.stderr)
 
 
+def _shared_axis(runs: list) -> str:
+    """An x axis every run has in the same sense: its own level when all runs share a regime,
+    else the artifact's bytes (a structured run has no sparsity, a quantized one no width)."""
+    records = [r for _, recs in runs for r in recs]
+    if all("width" in r or "keep" in r for r in records):
+        return "params"
+    if all("bits" in r for r in records):
+        return "bits"
+    if all("density" in r for r in records):
+        return "sparsity"
+    return "bytes"
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .report import plot_runs
 
@@ -171,8 +184,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
                          payload["records"]))
         except (json.JSONDecodeError, KeyError) as e:
             raise LcsError(f"{path} is not an lcs eval file ({e})") from None
-    x = args.x or ("params" if all("width" in r or "keep" in r for _, recs in runs for r in recs)
-                   else "bits" if all("bits" in r for _, recs in runs for r in recs) else "sparsity")
+    x = args.x or _shared_axis(runs)
     plot_runs(runs, args.out, x=x)
     print(f"wrote {args.out}")
     return 0

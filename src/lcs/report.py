@@ -45,7 +45,14 @@ def plot_runs(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str | 
     ax.set_xlabel({"sparsity": "sparsity of compressed layers", "bytes": "artifact bytes", "bits": "bits",
                    "params": "parameters of the compressed network"}.get(x, x))
     if x in ("params", "bytes", "macs"):
+        from matplotlib.ticker import EngFormatter, LogLocator
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, numticks=6))
+        ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0), numticks=12))
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 100k, 1M: no colliding long tick labels
+        ax.xaxis.set_minor_formatter(EngFormatter(sep=""))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
     ax.set_title(title or "accuracy vs compression")
@@ -104,14 +111,18 @@ def plot_profile(records: Sequence[dict[str, Any]], batches: Sequence[int], path
     fig.savefig(path_latency)
     plt.close(fig)
     if path_accuracy is not None and records and "accuracy" in records[0]:
-        fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=120)
-        for b in batches:
-            ax.plot([r[f"latency_ms_b{b}"] for r in records], [r["accuracy"] for r in records], marker="o",
-                    label=f"batch {b}")
-        ax.set_xlabel("latency (ms)")
-        ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        # one panel per batch size (their latencies differ by orders of magnitude), points joined in
+        # latency order so the line reads as the accuracy a latency buys
+        fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.6), dpi=120, squeeze=False)
+        for ax, b in zip(axes[0], batches, strict=True):
+            pts = sorted((r[f"latency_ms_b{b}"], r["accuracy"], r["alpha"]) for r in records)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4)
+            for lat, acc, a in pts:
+                ax.annotate(f"{a:g}", (lat, acc), textcoords="offset points", xytext=(3, 3), fontsize=6)
+            ax.set_xlabel(f"latency at batch {b} (ms)")
+            ax.set_ylabel("accuracy")
+            ax.grid(alpha=0.3)
+        fig.suptitle("accuracy vs latency (labels: α)")
         fig.tight_layout()
         fig.savefig(path_accuracy)
         plt.close(fig)
@@ -132,7 +143,8 @@ def plot_adapt(result: dict[str, Any], path: str | os.PathLike) -> None:
     for ax in (ax_a, ax_l):
         ax.axvline(result["load_at"], color="gray", ls=":", lw=1)
         ax.grid(alpha=0.3)
-    ax_l.axhline(result["budget_ms"], color="red", ls="--", lw=1, label="budget")
+    ax_l.axhline(result["budget_ms"], color="red", ls="--", lw=1.2, label=f"budget {result['budget_ms']:g} ms")
+    ax_l.set_yscale("log")  # a loaded request can be 10× the budget: a linear axis hides the budget line
     ax_a.set_ylabel("α")
     ax_l.set_ylabel("latency (ms)")
     ax_l.set_xlabel("seconds (competing process starts at the dotted line)")
