@@ -192,3 +192,32 @@ def test_loader_data_rejects_bad_input(tiny_digits):
         lcs.LoaderData([1, 2], _loaders(tiny_digits).val_loader, num_classes=10)
     with pytest.raises(lcs.LcsError, match="num_classes"):
         lcs.LoaderData(_loaders(tiny_digits).train_loader, _loaders(tiny_digits).val_loader, num_classes=1)
+
+
+def test_init_seeds_the_subspace_from_a_trained_model(tmp_path, tiny_digits, capsys):
+    from safetensors.torch import save_file
+
+    plain = lcs.models.create("cpreresnet20", num_classes=10, norm="gn", in_channels=3)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    user = tmp_path / "user.safetensors"
+    save_file(plain.state_dict(), str(user))  # a user's plain state dict, no lcs metadata
+    cfg = load_config(None, FAST + [f"model.init={user}"])
+    assert cfg.method.line_init == "copy"
+    trainer = Trainer(cfg, tmp_path / "r", data=tiny_digits)
+    with trainer.sub.at(1.0), torch.no_grad():
+        x = torch.randn(2, 3, 16, 16)
+        assert torch.allclose(trainer.model(x), plain.eval()(x), atol=1e-5)  # the line starts at the model
+    with trainer.sub.at(0.025, level=1.0), torch.no_grad():
+        assert torch.allclose(trainer.model(x), plain(x), atol=1e-5)  # both endpoints do
+
+    other = lcs.models.create("cpreresnet20", num_classes=7)
+    bad = tmp_path / "bad.safetensors"
+    save_file(other.state_dict(), str(bad))
+    pickle = tmp_path / "model.pt"
+    torch.save(plain.state_dict(), pickle)
+    for path, needle in ((bad, "does not match"), (pickle, "not a safetensors"), (tmp_path / "nope", "no such")):
+        msg = _one_line_error(capsys, ["train", "--out", str(tmp_path / f"x{needle[:3]}"), "--init", str(path),
+                                       "--epochs", "1", "--no-progress"], needle)
+        assert str(path) in msg or needle == "no such"

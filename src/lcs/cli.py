@@ -40,7 +40,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for key, value in (("method.regime", args.regime), ("method.name", args.method), ("model.name", args.model),
                        ("data.name", args.data), ("data.root", args.data_root), ("optim.epochs", args.epochs),
                        ("run.seed", args.seed), ("data.val_fraction", args.val_fraction),
-                       ("run.device", args.device), ("run.amp", args.amp), ("data.workers", args.workers)):
+                       ("run.device", args.device), ("run.amp", args.amp), ("data.workers", args.workers),
+                       ("model.init", args.init)):
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.no_progress:
@@ -362,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", help="none | bf16: bfloat16 autocast for forward + loss (run.amp; default none)")
     t.add_argument("--workers", type=int, help="DataLoader worker processes per process for streamed folders "
                    "(data.workers)")
+    t.add_argument("--init", help="a trained plain model (safetensors state dict or `lcs export` file) that seeds "
+                   "the subspace (model.init)")
     t.add_argument("--config", help="YAML file with sections data/model/method/optim/run")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=0.1")
     t.add_argument("--out", required=True, help="run directory")

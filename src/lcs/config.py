@@ -60,6 +60,9 @@ class ModelConfig:
     name: str = "cpreresnet20"
     norm: str | None = None  # gn | in | ln | bn; None = the method's default (see DEFAULT_NORMS)
     num_classes: int | None = None  # None = from the data
+    # a trained plain model (safetensors state dict, or an `lcs export` network) that seeds the point,
+    # or both endpoints of the line (line_init becomes copy), before the subspace trains
+    init: str | None = None
 
 
 @dataclass
@@ -142,6 +145,9 @@ class Config:
         _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "in (0, 1)")
         if d.root:
             d.root = os.path.abspath(os.path.expanduser(d.root))
+        if self.model.init:
+            self.model.init = os.path.abspath(os.path.expanduser(self.model.init))
+            m.line_init = "copy"  # both endpoints start from the trained model
         if self.model.norm is None:
             self.model.norm = default_norm(m.regime, m.name)
         if d.image_size is None:

@@ -14,7 +14,7 @@ from .config import Config, config_from_dict
 from .errors import LcsError
 from .subspace import Subspace, convert
 
-__all__ = ["build_subspace", "open_data", "load_run", "arch_meta", "cache_dir", "resolve_device"]
+__all__ = ["build_subspace", "load_init", "open_data", "load_run", "arch_meta", "cache_dir", "resolve_device"]
 
 
 def cache_dir() -> str:
@@ -34,12 +34,53 @@ def arch_meta(cfg: Config) -> dict:
     return {"name": cfg.model.name, "kwargs": {"num_classes": cfg.model.num_classes, "norm": cfg.model.norm}}
 
 
-def build_subspace(cfg: Config) -> Subspace:
-    """The plain model from the registry, converted for the config's regime and method."""
+def load_init(model: torch.nn.Module, path: str) -> None:
+    """Load a trained plain model into ``model`` before it is converted: a plain safetensors state
+    dict (a user's) or an lcs network artifact (``lcs export``, e.g. of a dense run). Never unpickles."""
+    from .artifact import FORMAT, load_compressed
+    from .files import DamagedFileError, load_tensors, read_safetensors_metadata
+
+    if not os.path.isfile(path):
+        raise LcsError(f"--init: no such file: {path}")
+    try:
+        meta = read_safetensors_metadata(path)  # a pickle or any other non-safetensors file fails here
+    except DamagedFileError:
+        raise LcsError(f"--init: {path} is not a safetensors file (lcs never unpickles; save a state dict with "
+                       f"safetensors.torch.save_file(model.state_dict(), PATH))") from None
+    if "lcs" in meta:
+        import copy
+        import json
+
+        header = json.loads(meta["lcs"])
+        if header.get("format") != FORMAT:
+            raise LcsError(f"--init: {path} holds {header.get('format')!r}, not one network (export one α of a "
+                           f"run, e.g. a dense run at α=1)")
+        state = load_compressed(path, model=copy.deepcopy(model), kernels="dense").state_dict()
+    else:
+        state, _ = load_tensors(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = ([f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"] if missing else []) + \
+                ([f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}"] if unexpected
+                 else []) + ([f"shape {', '.join(wrong[:2])}{' ...' if len(wrong) > 2 else ''}"] if wrong else [])
+        raise LcsError(f"--init: {path} does not match {type(model).__name__} "
+                       f"(model.name / model.norm / num_classes?): {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def build_subspace(cfg: Config, *, init: bool = True) -> Subspace:
+    """The plain model from the registry (seeded from ``model.init`` when set and ``init``),
+    converted for the config's regime and method."""
     if cfg.model.num_classes is None:
         raise LcsError("model.num_classes is not resolved (it comes from the data)")
     arch = arch_meta(cfg)
     model = models.create(arch["name"], **arch["kwargs"])
+    if init and cfg.model.init:
+        load_init(model, cfg.model.init)
     sub = convert(model, cfg.regime_config())
     sub.input_shape = (3, cfg.data.image_size, cfg.data.image_size)
     return sub
@@ -70,7 +111,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Config, Subspace, dict]:
     except yaml.YAMLError as e:
         raise LcsError(f"{run}/config.yaml is not valid YAML: {str(e).splitlines()[0]}") from None
     cfg = config_from_dict(raw).validate()
-    sub = build_subspace(cfg)
+    sub = build_subspace(cfg, init=False)  # the checkpoint overwrites every tensor
     _, state = load_latest_intact(run, sub.model)  # a damaged newest checkpoint falls back, saying so
     sub.model.eval()
     return cfg, sub, state

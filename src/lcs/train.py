@@ -86,7 +86,7 @@ class Trainer:
             raise LcsError(f"model.num_classes={cfg.model.num_classes} but the data has "
                            f"{self.data.num_classes} classes")
         torch.manual_seed(cfg.run.seed)
-        self.sub: Subspace = build_subspace(cfg)
+        self.sub: Subspace = build_subspace(cfg, init=not resume)  # resuming: the checkpoint has every tensor
         self.model = self.sub.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
