@@ -113,3 +113,30 @@ def test_quantized_bn_with_conv_bias_trains_what_it_exports():
             want, got, shipped = ref(x), sub.model(x), lcs.materialize(sub, 1.0)(x)
         assert torch.allclose(got, want, atol=1e-4), (geometry, (got - want).abs().max())
         assert torch.allclose(shipped, got, atol=1e-4), (geometry, (shipped - got).abs().max())
+
+
+@pytest.mark.parametrize("name", sorted(__import__("lcs.regimes", fromlist=["REGIMES"]).REGIMES))
+def test_every_registered_regime_is_complete(name):
+    """A half-added regime fails here, not in a user's hands: everything the CLI, the loop, the
+    evaluation and this matrix ask of a regime is present."""
+    from lcs.config import DEFAULT_NORMS, load_config
+    from lcs.evaluate import DEFAULT_GRIDS, default_grid
+    from lcs.methods import METHODS
+    from lcs.regimes import REGIMES, regime_from_dict, regime_to_dict
+    from lcs.subspace import _REGIMES
+
+    cls = REGIMES[name]
+    assert cls.regime == name and cls.level_name
+    assert cls in _REGIMES, "no conversion registered (lcs.subspace.register_regime)"
+    assert METHODS.get(name), "no methods (lcs.methods.METHODS)"
+    assert name in DEFAULT_GRIDS and (name, None) in DEFAULT_NORMS
+    assert name in CASES, "not in the equality matrix"
+    config = cls()
+    assert regime_from_dict(regime_to_dict(config)) == config
+    grid = default_grid(config)
+    lo, hi = config.alpha_range
+    assert grid and all(lo - 1e-9 <= a <= hi + 1e-9 for a in grid)
+    for method in METHODS[name]:
+        extra = ["method.target=4" if name == "quantized" else "method.target=0.5"] if method == "target" else []
+        cfg = load_config(None, [f"method.regime={name}", f"method.name={method}", *extra])
+        assert cfg.model.norm is not None
