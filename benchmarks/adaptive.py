@@ -20,11 +20,13 @@ import torch
 
 import lcs
 from lcs.adapt import run_scenario
+from lcs.alloc import keep_freed_memory
 from lcs.profile import measure_latency, profile_runtime, quick_grid
 from lcs.runtime import Runtime, save_subspace
 
 
 def main() -> None:
+    keep_freed_memory()  # what the lcs CLI runs with (lcs.alloc)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subspace", help="a subspace artifact (default: an untrained unstructured cPreResNet20 line)")
     ap.add_argument("--seconds", type=float, default=12.0)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from lcs.alloc import keep_freed_memory
 from lcs.config import load_config
 from lcs.data import ImageData, Split, train_batches
 from lcs.train import Trainer
@@ -75,6 +76,7 @@ def measure(args: argparse.Namespace, threads: int, out: str) -> dict:
 
 
 def main() -> None:
+    keep_freed_memory()  # what the lcs CLI runs with (lcs.alloc)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cpreresnet20")
     ap.add_argument("--method", default="lcs_l")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import lcs
+from lcs.alloc import keep_freed_memory
 from lcs.materialize import materialize
 from lcs.profile import measure_latency
 from lcs.regimes import StructuredConfig
@@ -28,6 +29,7 @@ WIDTHS = [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
 
 
 def main() -> None:
+    keep_freed_memory()  # what the lcs CLI runs with (lcs.alloc)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
     ap.add_argument("--rounds", type=int, default=5)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import lcs
+from lcs.alloc import keep_freed_memory
 from lcs.regimes import REGIMES
 from lcs.runtime import Runtime, save_subspace
 
@@ -57,6 +58,7 @@ def bench(regime: str, geometry: str, repeats: int, batch: int, tmp: str) -> dic
 
 
 def main() -> None:
+    keep_freed_memory()  # what the lcs CLI runs with (lcs.alloc)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1)

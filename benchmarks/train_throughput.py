@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import lcs
+from lcs.alloc import keep_freed_memory
 from lcs.config import load_config
 from lcs.data import ImageData, Split
 from lcs.train import Trainer
@@ -88,6 +89,7 @@ def timed(step, steps: int, start: int) -> float:
 
 
 def main() -> None:
+    keep_freed_memory()  # what the lcs CLI runs with (lcs.alloc)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
