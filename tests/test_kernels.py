@@ -132,3 +132,20 @@ def test_runtime_serves_sparse_kernels_with_equal_outputs(tmp_path, monkeypatch)
             assert torch.allclose(rt(x), sub.model(x), atol=1e-4)
         sparse = [f for f, d in rt.kernel_report().items() if d.get(2)]
         assert (len(sparse) == len(sub.compressed)) == (a <= 0.5)  # density 1: nothing to gain, dense
+
+
+def test_onnx_export_of_an_accelerated_network_uses_standard_ops(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from lcs.onnx_export import export_onnx, run_onnx
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 64, 4))
+    with torch.no_grad():
+        for m in (net[2], net[4]):
+            m.weight.mul_(torch.rand_like(m.weight) < 0.1)
+    accelerate(net.eval(), chooser=Always(True))
+    export_onnx(net, tmp_path / "n.onnx", (3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(torch.as_tensor(run_onnx(tmp_path / "n.onnx", x)), net(x), atol=1e-5)
+    assert isinstance(net[2], SparseConv2d)  # the caller's network is left as it was

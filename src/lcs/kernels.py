@@ -19,6 +19,7 @@ Deploy side: imports only torch and the standard library.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -74,6 +75,12 @@ def csr_linear(x: torch.Tensor, csr: torch.Tensor, bias: torch.Tensor | None) ->
     return out.reshape(*lead, out.shape[-1])
 
 
+def _to_csr(w: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are tested
+        warnings.simplefilter("ignore")
+        return w.reshape(w.shape[0], -1).to_sparse_csr()
+
+
 def _nearest(decisions: dict[int, bool], batch: int) -> bool:
     if batch in decisions:
         return decisions[batch]
@@ -89,6 +96,20 @@ class _SparseMixin:
     lcs_csr: torch.Tensor
     lcs_decisions: dict[int, bool]
     lcs_chooser: KernelChooser | None
+
+    def __deepcopy__(self, memo: dict) -> nn.Module:
+        # torch cannot deep-copy CSR tensors: copy the layer as a plain one, then rebuild the CSR
+        # weight from the copied dense weight (the chooser is shared: it is a cache)
+        cls, csr, chooser = type(self), self.__dict__.pop("lcs_csr"), self.__dict__.pop("lcs_chooser")
+        try:
+            self.__class__ = _PLAIN[cls]
+            new = copy.deepcopy(self, memo)
+        finally:
+            self.__class__, self.lcs_csr, self.lcs_chooser = cls, csr, chooser
+        new.__class__ = cls
+        new.lcs_csr = _to_csr(new.weight.detach())
+        new.lcs_chooser = chooser
+        return new
 
     def _use_sparse(self, x: torch.Tensor) -> bool:
         batch = int(x.shape[0]) if x.dim() > 1 else 1
@@ -199,14 +220,15 @@ class KernelChooser:
     def _save(self) -> None:
         if not self.path:
             return
+        from .errors import LcsError
+        from .files import atomic_write
+
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
+            with atomic_write(self.path, "w") as f:
                 json.dump(self._table, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.path)
-        except OSError:
-            pass  # read-only home: decisions stay in memory
+        except (OSError, LcsError):
+            pass  # read-only or full disk: the decisions stay in memory
 
 
 _DEFAULT_CHOOSER: KernelChooser | None = None
@@ -243,9 +265,7 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
         if density > max_density:
             continue
         m.__class__ = SparseConv2d if isinstance(m, nn.Conv2d) else SparseLinear
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are tested
-            warnings.simplefilter("ignore")
-            m.lcs_csr = w.reshape(w.shape[0], -1).to_sparse_csr()
+        m.lcs_csr = _to_csr(w)
         m.lcs_decisions = {}
         m.lcs_chooser = chooser
         n += 1
