@@ -139,7 +139,8 @@ def test_onnx_export_of_an_accelerated_network_uses_standard_ops(tmp_path):
     pytest.importorskip("onnxruntime")
     from lcs.onnx_export import export_onnx, run_onnx
 
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 64, 4))
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(),
+                        nn.Linear(8 * 64, 4))
     with torch.no_grad():
         for m in (net[2], net[4]):
             m.weight.mul_(torch.rand_like(m.weight) < 0.1)
