@@ -140,3 +140,22 @@ def test_every_registered_regime_is_complete(name):
         extra = ["method.target=4" if name == "quantized" else "method.target=0.5"] if method == "target" else []
         cfg = load_config(None, [f"method.regime={name}", f"method.name={method}", *extra])
         assert cfg.model.norm is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,regime,geometry,norm,extra", _matrix("cpreresnet20"))
+def test_onnx_computes_the_subspace_function(name, regime, geometry, norm, extra, tmp_path):
+    """The last column of the matrix: onnxruntime on the exported file, at the middle of the range
+    (30-40 s of export each, hence slow; tests/test_onnx.py covers every regime in the fast suite)."""
+    pytest.importorskip("onnxruntime")
+    from lcs.onnx_export import export_onnx, run_onnx
+
+    sub = _build(name, regime, geometry, norm, extra)
+    lo, hi = sub.alpha_range
+    a = lo + 0.45 * (hi - lo)
+    with sub.at(a), torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        ref = sub.model(x)
+    export_onnx(lcs.materialize(sub, a), tmp_path / "n.onnx", (3, 32, 32))
+    got = torch.as_tensor(run_onnx(tmp_path / "n.onnx", x))
+    assert torch.allclose(got, ref, atol=1e-3 * max(1.0, float(ref.abs().max())))
