@@ -24,11 +24,10 @@ import os
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .errors import LcsError, state_dict_error
-from .files import DamagedFileError, load_tensors, save_tensors, serialize_tensors
+from .files import DamagedFileError, load_tensors, read_safetensors_metadata, save_tensors, serialize_tensors
 from .quant import LayerQuant, attach_layer_quant, check_bits, codes_on_grid, folded_structure, layer_quants
 
 __all__ = ["FORMAT", "encode_state", "network_meta", "dense_float32_bytes",
@@ -169,9 +168,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise LcsError(f"no such artifact: {path}")
     try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("lcs")
-    except (SafetensorError, OSError, ValueError) as e:
+        raw = read_safetensors_metadata(path).get("lcs")
+    except DamagedFileError as e:
         raise LcsError(f"{path} is not a readable safetensors file ({e})") from None
     if raw is None:
         raise LcsError(f"{path} is a safetensors file but not an lcs artifact (no 'lcs' metadata)")
@@ -230,8 +228,9 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, ker
         kernels: ``"auto"``: layers that are mostly zeros run on CSR kernels where a micro-benchmark on
             this machine says they are faster (``lcs.kernels``); ``"dense"``: plain kernels only.
     """
-    if kernels not in ("auto", "dense"):
-        raise LcsError(f"kernels must be 'auto' or 'dense', got {kernels!r}")
+    from .kernels import accelerate, check_kernels
+
+    check_kernels(kernels)
     path = os.fspath(path)
     header = read_metadata(path)
     if header["format"] != FORMAT:
@@ -267,7 +266,5 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, ker
     except RuntimeError as e:
         raise LcsError(f"{path} does not match the architecture: {state_dict_error(e)}") from None
     if kernels == "auto":
-        from .kernels import accelerate
-
         accelerate(model)
     return model.eval()

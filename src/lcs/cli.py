@@ -131,8 +131,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _provenance(cfg, data, state: dict) -> dict:
-    """Where an eval's figures come from: versions, seed, training length, data and split, date."""
+def _machine_provenance() -> dict:
+    """Versions, machine, threads and date: what every measurement file records."""
     import datetime
     import platform
 
@@ -141,10 +141,14 @@ def _provenance(cfg, data, state: dict) -> dict:
     from . import __version__
 
     return {"lcs": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "threads": torch.get_num_threads(), "seed": cfg.run.seed,
-            "epochs": state.get("epoch"), "step": state.get("step"), "data": cfg.data.name,
-            "train_images": len(data.train), "val_images": len(data.val),
+            "machine": platform.machine(), "threads": torch.get_num_threads(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _provenance(cfg, data, state: dict) -> dict:
+    """Where an eval's figures come from: the machine, seed, training length, data and split."""
+    return {**_machine_provenance(), "seed": cfg.run.seed, "epochs": state.get("epoch"), "step": state.get("step"),
+            "data": cfg.data.name, "train_images": len(data.train), "val_images": len(data.val)}
 
 
 def _warn_if_busy(records: list[dict], batches) -> None:
@@ -290,14 +294,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
              ("accuracy", "accuracy", "{:.4f}")]
     print(format_table(records, cols))
     out = Path(args.json)
-    import datetime
-
-    from . import __version__
-
     payload = {"file": str(args.file), "regime": rt.regime, "batches": batches, "threads": torch.get_num_threads(),
-               "provenance": {"lcs": __version__, "torch": torch.__version__,
-                              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-               "records": records}
+               "provenance": _machine_provenance(), "records": records}
     write_json(out, payload)
     lat, acc = out.with_name(out.stem + "_latency.png"), out.with_name(out.stem + "_accuracy.png")
     plot_profile(records, batches, lat, acc if data is not None else None, title=f"{rt.regime}: latency vs α")

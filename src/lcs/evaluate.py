@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .artifact import artifact_bytes, dense_float32_bytes, network_meta
 from .data import eval_batches
 from .errors import LcsError
-from .kernels import accelerate, kernel_report
+from .kernels import accelerate, sparse_layer_count
 from .materialize import materialize
 from .profile import measure_latency, p90
 from .regimes import QuantizedConfig, RegimeConfig, StructuredConfig, check_alpha
@@ -131,7 +131,7 @@ def measure_network(plain: torch.nn.Module, data, device: torch.device, meta: di
         times = measure_latency(fast, x, repeats=10, max_seconds=3.0)
         record[f"latency_ms_b{b}"] = statistics.median(times)
         record[f"p90_ms_b{b}"] = p90(times)
-        record[f"sparse_layers_b{b}"] = sum(d.get(b, False) for d in kernel_report(fast).values())
+        record[f"sparse_layers_b{b}"] = sparse_layer_count(fast, b)
     gaps = norm_stat_gaps(plain, data, device)
     if gaps:
         record["bn_mean_gap"] = statistics.fmean(g["mean_gap"] for g in gaps.values())

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SparseConv2d", "SparseLinear", "accelerate", "dense_kernels", "kernel_report", "KernelChooser",
+__all__ = ["SparseConv2d", "SparseLinear", "accelerate", "dense_kernels", "kernel_report", "sparse_layer_count",
+           "check_kernels", "KernelChooser",
            "MAX_DENSITY", "csr_conv2d", "csr_linear"]
 
 MAX_DENSITY = 0.5  # above this, dense kernels win on every shape measured here: not even tried
@@ -283,6 +284,20 @@ def dense_kernels(net: nn.Module) -> nn.Module:
             for attr in ("lcs_csr", "lcs_decisions", "lcs_chooser"):
                 m.__dict__.pop(attr, None)
     return net
+
+
+def check_kernels(kernels: str) -> str:
+    """The ``kernels=`` argument of the deploy entry points: ``"auto"`` or ``"dense"``."""
+    if kernels not in ("auto", "dense"):
+        from .errors import LcsError
+
+        raise LcsError(f"kernels must be 'auto' or 'dense', got {kernels!r}")
+    return kernels
+
+
+def sparse_layer_count(net: nn.Module, batch: int) -> int:
+    """How many layers of ``net`` run on the sparse kernel at ``batch`` (as decided so far)."""
+    return sum(d.get(batch, False) for d in kernel_report(net).values())
 
 
 def kernel_report(net: nn.Module) -> dict[str, dict[int, bool]]:

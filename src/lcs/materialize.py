@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 
 from .bn_stats import freeze_bn_stats
 from .errors import LcsError
+from .kernels import accelerate, check_kernels
 from .quant import fold_batchnorm, freeze_quantizers
 from .slim import channel_plan, is_slim, slim_down
 from .subspace import Subspace
@@ -67,10 +68,6 @@ def materialize(sub: Subspace, alpha: float, input_shape: tuple[int, ...] | None
                            "or set sub.input_shape")
         param = next(plain.parameters())
         slim_down(plain, channel_plan(plain, torch.zeros(1, *shape, dtype=param.dtype, device=param.device)))
-    if kernels == "auto":
-        from .kernels import accelerate
-
+    if check_kernels(kernels) == "auto":
         accelerate(plain, sub.compressed)
-    elif kernels != "dense":
-        raise LcsError(f"kernels must be 'auto' or 'dense', got {kernels!r}")
     return plain

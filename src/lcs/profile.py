@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .artifact import artifact_bytes, network_meta
+from .kernels import sparse_layer_count
 from .runtime import Runtime
 from .stats import count_macs, count_params
 
@@ -73,7 +74,7 @@ def profile_runtime(rt: Runtime, grid: Sequence[float], batches: Sequence[int], 
             times = measure_latency(rt, torch.randn(b, *input_shape), repeats=reps)
             rec[f"latency_ms_b{b}"] = statistics.median(times)
             rec[f"p90_ms_b{b}"] = p90(times)
-            rec[f"sparse_layers_b{b}"] = sum(d.get(b, False) for d in rt.kernel_report().values())
+            rec[f"sparse_layers_b{b}"] = sparse_layer_count(rt.network, b)
         net = rt.network
         rec["params"], rec["nonzero_params"] = count_params(net)
         rec["macs"], rec["dense_macs"] = count_macs(net, input_shape)

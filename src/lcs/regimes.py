@@ -74,6 +74,15 @@ class RegimeConfig:
         """The point of the subspace that serves α: α itself, unless the regime says otherwise."""
         return alpha
 
+    @property
+    def stats_rows(self) -> int:
+        """Sets of BatchNorm running statistics kept per level (``lcs.bn_stats``); 0: one shared set."""
+        return 0
+
+    def stats_row(self, alpha: float, level: float) -> int:
+        """The statistics row that serves (α, level); regimes with ``stats_rows`` say which."""
+        return 0
+
 
 @dataclass(frozen=True)
 class UnstructuredConfig(RegimeConfig):

@@ -11,7 +11,7 @@ import torch
 from . import models
 from .checkpoint import load_latest_intact
 from .config import Config, config_from_dict
-from .errors import LcsError
+from .errors import LcsError, state_dict_error
 from .subspace import Subspace, convert
 
 __all__ = ["build_subspace", "load_init", "open_data", "load_run", "arch_meta", "cache_dir", "resolve_device"]
@@ -58,18 +58,11 @@ def load_init(model: torch.nn.Module, path: str) -> None:
         state = load_compressed(path, model=copy.deepcopy(model), kernels="dense").state_dict()
     else:
         state, _ = load_tensors(path)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        parts = ([f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"] if missing else []) + \
-                ([f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}"] if unexpected
-                 else []) + ([f"shape {', '.join(wrong[:2])}{' ...' if len(wrong) > 2 else ''}"] if wrong else [])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
         raise LcsError(f"--init: {path} does not match {type(model).__name__} "
-                       f"(model.name / model.norm / num_classes?): {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
+                       f"(model.name / model.norm / num_classes?): {state_dict_error(e)}") from None
 
 
 def build_subspace(cfg: Config, *, init: bool = True) -> Subspace:

@@ -25,7 +25,7 @@ from .artifact import dense_float32_bytes, read_metadata
 from .bn_stats import freeze_bn_stats
 from .errors import LcsError, state_dict_error
 from .files import load_tensors, save_tensors
-from .kernels import accelerate, kernel_report
+from .kernels import accelerate, check_kernels, kernel_report
 from .materialize import strip_parametrizations
 from .quant import FakeQuant, fold_batchnorm, freeze_quantizers, layer_quants, weight_qparams
 from .regimes import regime_from_dict, regime_to_dict
@@ -102,9 +102,7 @@ class Runtime:
     """
 
     def __init__(self, sub: Subspace, header: dict[str, Any], kernels: str = "auto"):
-        if kernels not in ("auto", "dense"):
-            raise LcsError(f"kernels must be 'auto' or 'dense', got {kernels!r}")
-        self.kernels = kernels
+        self.kernels = check_kernels(kernels)
         self._sub = sub
         self.header = header
         self._lock = threading.Lock()

@@ -83,13 +83,7 @@ def register_regime(config_type: type, *, prepare: Prepare | None = None,
     return deco
 
 
-def _unstructured_bn_stats(model: nn.Module, state: SubspaceState, config: UnstructuredConfig,
-                           compressed: set[str]) -> None:
-    if config.stats_rows:
-        prepare_bn_stats(model, state, config)
-
-
-@register_regime(UnstructuredConfig, prepare=_unstructured_bn_stats)
+@register_regime(UnstructuredConfig)
 def _add_topk(module: nn.Module, fqn: str, state: SubspaceState, config: UnstructuredConfig) -> None:
     parametrize.register_parametrization(module, "weight", TopK(state))
 
@@ -116,8 +110,6 @@ def _width_follows(module: nn.Module, fqn: str, state: SubspaceState, config: St
 
 
 def _prepare_batchnorm(model: nn.Module, state: SubspaceState, config: QuantizedConfig, compressed: set[str]) -> None:
-    if config.stats_rows:
-        prepare_bn_stats(model, state, config)
     prepare_bn_folding(model, compressed)
 
 
@@ -283,6 +275,8 @@ def convert(model: nn.Module, config: RegimeConfig, *, filter_fn: FilterFn | Non
     if not compressed:
         raise LcsError(_nothing_to_compress(model, filter_fn is not None))
     _warn_if_mostly_dense(model, set(compressed))
+    if config.stats_rows:  # BN statistics per level, for any regime that asks (before folding hooks)
+        prepare_bn_stats(model, state, config)
     if regime.prepare is not None:
         regime.prepare(model, state, config, set(compressed))
     lines: list[tuple[str, str]] = []
