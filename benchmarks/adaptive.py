@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 import lcs
-from lcs.adapt import run_scenario
 from lcs.alloc import keep_freed_memory
-from lcs.profile import measure_latency, profile_runtime, quick_grid
-from lcs.runtime import Runtime, save_subspace
+from lcs.deploy.adapt import run_scenario
+from lcs.deploy.profile import measure_latency, profile_runtime, quick_grid
+from lcs.deploy.runtime import Runtime, save_subspace
 
 
 def main() -> None:

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from lcs.alloc import keep_freed_memory
-from lcs.config import load_config
 from lcs.data import ImageData, Split, train_batches
-from lcs.train import Trainer
+from lcs.train.config import load_config
+from lcs.train.loop import Trainer
 
 
 def synthetic_data(n: int, size: int = 32, classes: int = 10) -> ImageData:
@@ -69,7 +69,7 @@ def measure(args: argparse.Namespace, threads: int, out: str) -> dict:
     result = {"processes": dist.world_size, "threads_per_process": torch.get_num_threads(), "seconds": elapsed,
               "img_per_s": args.batch * args.steps / elapsed}
     if dist.enabled:
-        from lcs.distributed import shutdown_distributed
+        from lcs.train.distributed import shutdown_distributed
 
         shutdown_distributed(dist)
     return result

@@ -26,7 +26,7 @@ import torch
 
 import lcs
 from lcs.alloc import keep_freed_memory
-from lcs.kernels import KernelChooser, accelerate, kernel_report
+from lcs.layers.kernels import KernelChooser, accelerate, kernel_report
 
 CASES = [("cpreresnet20", (3, 32, 32), (1, 64), (0.025, 0.05, 0.1, 0.25, 0.5, 1.0)),
          ("resnet18", (3, 224, 224), (1,), (0.05, 0.1, 0.25, 0.5, 1.0))]

@@ -21,8 +21,8 @@ import torch
 
 import lcs
 from lcs.alloc import keep_freed_memory
+from lcs.deploy.runtime import Runtime, save_subspace
 from lcs.regimes import REGIMES
-from lcs.runtime import Runtime, save_subspace
 
 ALPHAS = {"unstructured": [0.025, 0.1, 0.5, 1.0], "structured": [0.0, 0.25, 0.5, 1.0],
           "quantized": [1 / 6, 0.5, 5 / 6, 1.0]}

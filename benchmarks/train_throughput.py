@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 import lcs
 from lcs.alloc import keep_freed_memory
-from lcs.config import load_config
 from lcs.data import ImageData, Split
-from lcs.train import Trainer
+from lcs.train.config import load_config
+from lcs.train.loop import Trainer
 
 
 def synthetic_data(n: int, size: int = 32, classes: int = 10) -> ImageData:

@@ -3,7 +3,8 @@ import torch
 from safetensors.torch import save_file
 
 import lcs
-from lcs.artifact import artifact_bytes, pack_bits, read_metadata, unpack_bits
+from lcs.codec import pack_bits, unpack_bits
+from lcs.deploy.artifact import artifact_bytes, read_metadata
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 100, 1001])
@@ -67,3 +68,47 @@ def test_bad_artifacts_are_clear_errors(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(lcs.LcsError):
         lcs.load_compressed(truncated)
+
+
+def test_sizes_come_within_ten_percent_of_the_information_limit(tmp_path):
+    """Issue 16: nonzeros + the entropy of their positions (+ the dense stem, classifier and norms)
+    is what a sparse network is worth; the artifact (header and all) stays within 10 % of it."""
+    from lcs.deploy.artifact import information_limit_bytes
+
+    sub = _sub()
+    for a in (0.025, 0.1, 0.5):
+        plain = lcs.materialize(sub, a)
+        size = lcs.save_compressed(plain, tmp_path / f"a{a}.safetensors", META)
+        assert size <= 1.10 * information_limit_bytes(plain), (a, size, information_limit_bytes(plain))
+
+
+def test_version_1_artifacts_still_load(tmp_path):
+    """A file in the first format (one entry per tensor part, bitmap encoding) loads and computes."""
+    import json
+
+    from lcs.codec import pack_bits
+    from lcs.files import save_tensors
+
+    sub = _sub()
+    plain = lcs.materialize(sub, 0.1)
+    tensors, layout = {}, {}
+    for name, t in plain.state_dict().items():
+        info = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        if t.is_floating_point() and t.dim() == 4:
+            tensors[f"{name}.bitmap"], tensors[f"{name}.values"] = pack_bits(t != 0), t[t != 0]
+            info["encoding"] = "bitmap"
+        else:
+            tensors[name] = t
+            info["encoding"] = "dense"
+        layout[name] = info
+    path = tmp_path / "v1.safetensors"
+    save_tensors(tensors, path, {"lcs": json.dumps({"format": "lcs.compressed", "version": 1, **META,
+                                                      "tensors": layout})})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(lcs.load_compressed(path, kernels="dense")(x), plain(x))
+    header = json.loads(json.dumps(read_metadata(path)))
+    header["version"] = 3
+    save_tensors(tensors, path, {"lcs": json.dumps(header)})
+    with pytest.raises(lcs.LcsError, match="version 3"):
+        lcs.load_compressed(path)

@@ -7,7 +7,7 @@ import torch
 
 import lcs
 from lcs.cli import main
-from lcs.run import load_run
+from lcs.train.run import load_run
 
 FAST = ["--epochs", "1", "--no-progress", "--set", "data.batch_size=128", "--set", "optim.warmup_epochs=0.2"]
 
@@ -112,7 +112,7 @@ def test_subspace_export_profile_and_adapt(run_dir, tmp_path, capsys):
 
 def test_onnx_export_matches_pytorch(run_dir, tmp_path):
     pytest.importorskip("onnxruntime")
-    from lcs.onnx_export import run_onnx
+    from lcs.deploy.onnx import run_onnx
 
     path = tmp_path / "net.onnx"
     assert main(["export", str(run_dir), "--alpha", "0.05", "--format", "onnx", "--out", str(path)]) == 0

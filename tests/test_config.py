@@ -1,7 +1,7 @@
 import pytest
 
-from lcs.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
 from lcs.errors import LcsError
+from lcs.train.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
 
 
 def test_defaults_validate_and_round_trip():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lcs.controller import BudgetController
+from lcs.deploy.controller import BudgetController
 
 PROFILE = [{"alpha": 0.025, "latency_ms_b1": 2.0}, {"alpha": 0.5, "latency_ms_b1": 6.0},
            {"alpha": 1.0, "latency_ms_b1": 10.0}]
@@ -90,7 +90,7 @@ def test_bad_arguments():
 
 def test_call_runs_and_reports(tmp_path):
     import lcs
-    from lcs.runtime import Runtime, save_subspace
+    from lcs.deploy.runtime import Runtime, save_subspace
 
     sub = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10), lcs.UnstructuredConfig())
     path = tmp_path / "s.safetensors"
@@ -111,7 +111,7 @@ def test_accepts_profile_json_path_and_dict(tmp_path):
 
 
 def test_timeline_summarizes_traces():
-    from lcs.adapt import timeline
+    from lcs.deploy.adapt import timeline
 
     result = {"seconds": 2, "traces": {
         "controller": [{"t": 0.1, "alpha": 0.5, "latency_ms": 3.0, "loaded": False},

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -13,10 +15,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lcs import data as D
 from lcs.data import (
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    Data,
     ImageData,
+    LoaderData,
     Split,
+    StreamData,
     crop_and_flip,
     draw_augmentation,
     eval_batches,
@@ -25,6 +32,8 @@ from lcs.data import (
     num_batches,
     train_batches,
 )
+from lcs.data import folder as D  # the module whose globals the tests below monkeypatch
+from lcs.data.stream import FileSplit
 from lcs.errors import LcsError
 
 
@@ -131,7 +140,7 @@ def test_cifar10_batches(tmp_path) -> None:
         assert np.array_equal(d.train.images[0].numpy(), first)
         assert np.array_equal(d.val.images[2].numpy(), written["test_batch"][b"data"][2].reshape(3, 32, 32))
         assert d.classes == [f"class{i}" for i in range(10)]
-        assert d.mean == D.CIFAR10_MEAN and d.std == D.CIFAR10_STD and d.pad == 4 and d.hflip
+        assert d.mean == CIFAR10_MEAN and d.std == CIFAR10_STD and d.pad == 4 and d.hflip
 
 
 def test_cifar10_default_names_legacy_global_and_resize(tmp_path) -> None:
@@ -142,7 +151,7 @@ def test_cifar10_default_names_legacy_global_and_resize(tmp_path) -> None:
     assert b"numpy._core.multiarray" in raw
     path.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
     d = load_data("cifar10", str(tmp_path), image_size=16)
-    assert d.classes == list(D.CIFAR10_CLASSES)
+    assert d.classes == list(CIFAR10_CLASSES)
     assert d.train.images.shape == (20, 3, 16, 16) and d.image_size == 16 and d.pad == 2
 
 
@@ -445,3 +454,27 @@ def test_numpy_integer_arguments_give_the_same_batches() -> None:
     a = next(iter(train_batches(d, 8, epoch=1, seed=2)))
     b = next(iter(train_batches(d, np.int64(8), epoch=np.int64(1), seed=np.int64(2))))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# --------------------------------------------------------------------------------------------------------
+# the Data protocol and the import cost of lcs.data
+
+
+def test_image_stream_and_loader_data_satisfy_the_protocol() -> None:
+    labels = torch.zeros(0, dtype=torch.int64)
+    stream = StreamData("folder", "/nowhere", FileSplit([], labels), FileSplit([], labels), ["a", "b"], 24, 0)
+    ds = torch.utils.data.TensorDataset(torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
+    loaders = LoaderData(torch.utils.data.DataLoader(ds, batch_size=2), torch.utils.data.DataLoader(ds), 2)
+    for data in (_toy(), stream, loaders):
+        assert isinstance(data, Data), type(data).__name__
+    assert (loaders.image_size, stream.image_size, _toy().image_size) == (8, 24, 8)
+    assert not isinstance(torch.zeros(1), Data)
+
+
+def test_import_lcs_data_loads_no_pillow_or_sklearn() -> None:
+    code = ("import sys, lcs.data\n"
+            "heavy = ('PIL', 'sklearn', 'lcs.data.folder', 'lcs.data.stream', 'lcs.data.load', 'lcs.data.batches')\n"
+            "print([m for m in heavy if m in sys.modules])\n"
+            "assert callable(lcs.data.load_data) and 'lcs.data.folder' in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

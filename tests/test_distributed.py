@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lcs.config import load_config
 from lcs.data import ImageData, Split
+from lcs.train.config import load_config
 
 # d_min 0.3: at 2.5 % density most channels of the tiny first layers are all zero, and GroupNorm of a
 # near-empty channel amplifies last-bit float differences (not a DDP effect) beyond any tolerance.
@@ -27,8 +27,8 @@ def _data() -> ImageData:
 def _worker(rank: int, world: int, port: int, out: str, method: list[str]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from lcs.distributed import shutdown_distributed
-    from lcs.train import Trainer
+    from lcs.train.distributed import shutdown_distributed
+    from lcs.train.loop import Trainer
 
     trainer = Trainer(load_config(None, OVERRIDES + method), out, data=_data())
     trainer.fit()
@@ -45,7 +45,7 @@ def _free_port() -> int:
                                     ["method.regime=structured", "method.name=lcs_l"]],
                          ids=["unstructured-lcs_l", "unstructured-lcs_p", "structured-lcs_l"])
 def test_two_gloo_processes_equal_one(tmp_path, method):
-    from lcs.train import Trainer
+    from lcs.train.loop import Trainer
 
     single = Trainer(load_config(None, OVERRIDES + method), tmp_path / "single", data=_data())
     initial = {k: v.clone() for k, v in single.model.state_dict().items()}
@@ -54,7 +54,7 @@ def test_two_gloo_processes_equal_one(tmp_path, method):
                        start_method="spawn")
     from safetensors.torch import load_file
 
-    from lcs.checkpoint import latest_checkpoint
+    from lcs.train.checkpoint import latest_checkpoint
 
     ddp = load_file(latest_checkpoint(tmp_path / "ddp") / "weights.safetensors")
     ref = single.model.state_dict()
@@ -77,8 +77,8 @@ def _stream_cfg(root: str):
 def _stream_worker(rank: int, world: int, port: int, out: str, root: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from lcs.distributed import shutdown_distributed
-    from lcs.train import Trainer
+    from lcs.train.distributed import shutdown_distributed
+    from lcs.train.loop import Trainer
 
     trainer = Trainer(_stream_cfg(root), out)
     trainer.fit()
@@ -99,7 +99,7 @@ def test_two_gloo_processes_stream_their_shards_of_a_folder(tmp_path):
             for i in range(n):
                 size = (int(rng.integers(20, 50)), int(rng.integers(20, 50)), 3)
                 Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(folder / f"{i}.jpg")
-    from lcs.train import Trainer
+    from lcs.train.loop import Trainer
 
     single = Trainer(_stream_cfg(str(tmp_path / "img")), tmp_path / "single")
     single.fit()
@@ -107,7 +107,7 @@ def test_two_gloo_processes_stream_their_shards_of_a_folder(tmp_path):
                        nprocs=2, join=True, start_method="spawn")
     from safetensors.torch import load_file
 
-    from lcs.checkpoint import latest_checkpoint
+    from lcs.train.checkpoint import latest_checkpoint
 
     ddp = load_file(latest_checkpoint(tmp_path / "ddp") / "weights.safetensors")
     worst = max(float((ddp[k] - v).abs().max()) for k, v in single.model.state_dict().items())

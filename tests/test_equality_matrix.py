@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import lcs
-from lcs.artifact import load_compressed, save_compressed
-from lcs.runtime import Runtime, save_subspace
+from lcs.deploy.artifact import load_compressed, save_compressed
+from lcs.deploy.runtime import Runtime, save_subspace
 
 SMALL = ("cpreresnet20",)  # the others (11-20 M parameters) run with `make test-slow`
 # The norms each regime accepts (structured needs per-channel norms) and its regime configs.
@@ -19,9 +19,10 @@ CASES = {
     "unstructured": [("gn", {}), ("bn", {"bn_stats_bins": 4})],
     "structured": [("ln", {}), ("bn", {})],
     "quantized": [("gn", {}), ("bn", {})],
+    "sparse_quantized": [("gn", {}), ("bn", {})],
 }
 CONFIGS = {"unstructured": lcs.UnstructuredConfig, "structured": lcs.StructuredConfig,
-           "quantized": lcs.QuantizedConfig}
+           "quantized": lcs.QuantizedConfig, "sparse_quantized": lcs.SparseQuantizedConfig}
 FRACTIONS = (0.0, 0.45, 1.0)  # of the subspace's α range
 
 
@@ -78,7 +79,10 @@ def test_every_path_computes_the_same_function(name, regime, geometry, norm, ext
     x = torch.randn(2, 3, 32, 32)
     outs = []
     lo, hi = sub.alpha_range
-    for a in (lo + f * (hi - lo) for f in FRACTIONS):
+    points = [lo + f * (hi - lo) for f in FRACTIONS]
+    if geometry == "point" and len(sub.config.level_names) > 1:  # any combination of the levels
+        points += [{"density": 0.1, "bits": 4}, {"density": 0.5, "bits": 3}]
+    for a in points:
         with sub.at(a), torch.no_grad():
             ref = sub.model(x)
         plain = lcs.materialize(sub, a)
@@ -89,7 +93,7 @@ def test_every_path_computes_the_same_function(name, regime, geometry, norm, ext
         with torch.no_grad():
             got["load_compressed"] = load_compressed(f)(x)
             got["load_compressed(model=)"] = load_compressed(f, model=lcs.models.create(name, **arch["kwargs"]))(x)
-        rt.set_alpha(a)
+        rt.move(a)
         got["Runtime"] = rt(x)
         tol = 1e-4 * max(1.0, float(ref.abs().max()))
         for path, y in got.items():
@@ -115,31 +119,46 @@ def test_quantized_bn_with_conv_bias_trains_what_it_exports():
         assert torch.allclose(shipped, got, atol=1e-4), (geometry, (shipped - got).abs().max())
 
 
-@pytest.mark.parametrize("name", sorted(__import__("lcs.regimes", fromlist=["REGIMES"]).REGIMES))
+@pytest.mark.parametrize("name", sorted(__import__("lcs.regimes", fromlist=["REGISTRY"]).REGISTRY))
 def test_every_registered_regime_is_complete(name):
-    """A half-added regime fails here, not in a user's hands: everything the CLI, the loop, the
-    evaluation and this matrix ask of a regime is present."""
-    from lcs.config import DEFAULT_NORMS, load_config
-    from lcs.evaluate import DEFAULT_GRIDS, default_grid
-    from lcs.methods import METHODS
-    from lcs.regimes import REGIMES, regime_from_dict, regime_to_dict
-    from lcs.subspace import _REGIMES
+    """A half-added regime fails here, not in a user's hands: its record holds everything the CLI,
+    the loop, the evaluation and this matrix ask of a regime, and every piece works."""
+    from lcs.eval.evaluate import default_grid
+    from lcs.regimes import REGISTRY, Regime, record_of, regime_from_dict, regime_to_dict
+    from lcs.train.config import load_config
+    from lcs.train.methods import build_method
 
-    cls = REGIMES[name]
-    assert cls.regime == name and cls.level_name
-    assert cls in _REGIMES, "no conversion registered (lcs.subspace.register_regime)"
-    assert METHODS.get(name), "no methods (lcs.methods.METHODS)"
-    assert name in DEFAULT_GRIDS and (name, None) in DEFAULT_NORMS
+    rec = REGISTRY[name]
+    assert isinstance(rec, Regime) and rec.name == name and rec.config.regime == name
+    assert rec.config.level_names and rec.methods, "levels and methods"
     assert name in CASES, "not in the equality matrix"
-    config = cls()
-    assert regime_from_dict(regime_to_dict(config)) == config
-    grid = default_grid(config)
-    lo, hi = config.alpha_range
-    assert grid and all(lo - 1e-9 <= a <= hi + 1e-9 for a in grid)
-    for method in METHODS[name]:
-        extra = ["method.target=4" if name == "quantized" else "method.target=0.5"] if method == "target" else []
+    for geometry in ("line", "point"):
+        config = rec.config(geometry=geometry)
+        assert record_of(config) is rec
+        assert regime_from_dict(regime_to_dict(config)) == config
+        assert set(config.levels_max) == set(config.level_names)
+        lo, hi = config.alpha_range
+        for a in (lo, (lo + hi) / 2, hi):  # α ↔ the primary level, both ways
+            levels = config.levels(a)
+            assert set(levels) == set(config.level_names)
+            assert config.levels(config.alpha_of(levels[config.level_name]))[config.level_name] == levels[
+                config.level_name]
+            assert config.check_levels(levels) == levels
+        grid = default_grid(config)
+        assert grid
+        for point in grid:
+            if isinstance(point, dict):
+                assert geometry == "point" and config.check_levels(point)
+            else:
+                assert lo - 1e-9 <= point <= hi + 1e-9
+    for method, spec in rec.methods.items():
+        extra = [f"method.target={4 if 'bits' in rec.config.level_names else 0.5}"] if spec.sampler == "target" else []
         cfg = load_config(None, [f"method.regime={name}", f"method.name={method}", *extra])
-        assert cfg.model.norm is not None
+        assert cfg.model.norm is not None and (rec.norms is None or cfg.model.norm in rec.norms)
+        built = build_method(cfg.method, name, method, cfg.regime_config(), total_steps=10)
+        points = built.sampler(0, torch.Generator().manual_seed(0))
+        assert points and built.geometry == cfg.regime_config().geometry
+        assert (built.phase_start is not None) == spec.phase and (not spec.phase or rec.phase is not None)
 
 
 @pytest.mark.slow
@@ -148,7 +167,7 @@ def test_onnx_computes_the_subspace_function(name, regime, geometry, norm, extra
     """The last column of the matrix: onnxruntime on the exported file, at the middle of the range
     (30-40 s of export each, hence slow; tests/test_onnx.py covers every regime in the fast suite)."""
     pytest.importorskip("onnxruntime")
-    from lcs.onnx_export import export_onnx, run_onnx
+    from lcs.deploy.onnx import export_onnx, run_onnx
 
     sub = _build(name, regime, geometry, norm, extra)
     lo, hi = sub.alpha_range

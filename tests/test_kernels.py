@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 import lcs
-from lcs.kernels import KernelChooser, SparseConv2d, accelerate, csr_conv2d, csr_linear, dense_kernels, kernel_report
+from lcs.layers.kernels import (
+    KernelChooser,
+    SparseConv2d,
+    accelerate,
+    csr_conv2d,
+    csr_linear,
+    dense_kernels,
+    kernel_report,
+)
 
 
 class Always(KernelChooser):
@@ -117,7 +125,7 @@ def test_a_tie_keeps_the_dense_kernel(monkeypatch):
 
 
 def test_runtime_serves_sparse_kernels_with_equal_outputs(tmp_path, monkeypatch):
-    import lcs.kernels as k
+    import lcs.layers.kernels as k
 
     monkeypatch.setattr(k, "_DEFAULT_CHOOSER", Always(True))
     sub = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10), lcs.UnstructuredConfig())
@@ -137,7 +145,7 @@ def test_runtime_serves_sparse_kernels_with_equal_outputs(tmp_path, monkeypatch)
 def test_onnx_export_of_an_accelerated_network_uses_standard_ops(tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
-    from lcs.onnx_export import export_onnx, run_onnx
+    from lcs.deploy.onnx import export_onnx, run_onnx
 
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(),
                         nn.Linear(8 * 64, 4))

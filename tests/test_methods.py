@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from lcs.methods import BiasedEndpointSampler, DecayFromMax, FixedSampler, HoldMax, UniformSampler
-from lcs.train import lr_at
+from lcs.train.loop import lr_at
+from lcs.train.methods import BiasedEndpointSampler, DecayFromMax, FixedSampler, HoldMax, UniformSampler
 
 
 def _draws(sampler, n=4000, seed=0):
@@ -42,15 +42,20 @@ def test_fixed_sampler():
 
 def test_topk_warmup_decay_matches_spec():
     # density = a + (1 - a) * max(0, 1 - t/T_w)
-    sched = DecayFromMax(warmup_steps=100, level_max=1.0)
+    sched = DecayFromMax(warmup_steps=100, levels_max={"density": 1.0})
     for a in (0.025, 0.3):
         for t in (0, 10, 50, 99, 100, 500):
-            assert sched(a, t) == pytest.approx(a + (1 - a) * max(0.0, 1 - t / 100))
+            assert sched({"density": a}, t)["density"] == pytest.approx(a + (1 - a) * max(0.0, 1 - t / 100))
+
+
+def test_decay_fades_in_only_the_named_levels():
+    sched = DecayFromMax(warmup_steps=10, levels_max={"density": 1.0, "bits": 8}, names=("density",))
+    assert sched({"density": 0.1, "bits": 3}, 5) == {"density": pytest.approx(0.55), "bits": 3}
 
 
 def test_hold_max_then_level():
-    sched = HoldMax(warmup_steps=10, level_max=1.0)
-    assert sched(0.1, 9) == 1.0 and sched(0.1, 10) == 0.1
+    sched = HoldMax(warmup_steps=10, levels_max={"density": 1.0})
+    assert sched({"density": 0.1}, 9) == {"density": 1.0} and sched({"density": 0.1}, 10) == {"density": 0.1}
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lcs
-from lcs.onnx_export import STANDARD_DOMAINS, export_onnx, nonstandard_ops, run_onnx
+from lcs.deploy.onnx import STANDARD_DOMAINS, export_onnx, nonstandard_ops, run_onnx
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
@@ -122,7 +122,7 @@ def test_physically_slim_network_exports(tmp_path):
 def test_quantized_network_with_folded_bn_exports(tmp_path):
     """A 4-bit network (BN folded into the quantized convs, activations fake-quantized by their
     observers) runs in onnxruntime as in PyTorch: Round is round-half-to-even in both."""
-    from lcs.quant import set_activation_quant
+    from lcs.layers.quant import set_activation_quant
 
     torch.manual_seed(0)
     sub = lcs.convert(lcs.models.create("cpreresnet20", norm="bn"), lcs.QuantizedConfig())
@@ -147,7 +147,7 @@ def _quantized_plain(bits: int) -> nn.Module:
 def test_quantized_weights_are_stored_as_uint8_codes(tmp_path, monkeypatch):
     """Every quantized conv's weight is a uint8 initializer behind a DequantizeLinear that gives back
     exactly the float weight; the file is much smaller than with float weights."""
-    from lcs.quant import layer_quants
+    from lcs.layers.quant import layer_quants
 
     plain = _quantized_plain(4)
     size = export_onnx(plain, tmp_path / "q.onnx", (3, 16, 16))
@@ -163,9 +163,9 @@ def test_quantized_weights_are_stored_as_uint8_codes(tmp_path, monkeypatch):
         assert codes.dtype.name == "uint8" and codes.max() <= 15  # 4-bit codes in a byte
         w = (torch.from_numpy(codes.astype("int32")) - int(zp)).float() * float(scale)
         assert torch.equal(w, params[node.output[0]].detach())
-    import lcs.onnx_export
+    import lcs.deploy.onnx
 
-    monkeypatch.setattr(lcs.onnx_export, "weights_as_codes", lambda *_: 0)
+    monkeypatch.setattr(lcs.deploy.onnx, "weights_as_codes", lambda *_: 0)
     float_size = export_onnx(plain, tmp_path / "f.onnx", (3, 16, 16))
     saved = 3 * sum(params[n].numel() for n in quantized)  # 4 bytes per weight become 1
     assert abs((float_size - size) - saved) < 0.01 * saved
@@ -175,8 +175,8 @@ def test_quantized_weights_are_stored_as_uint8_codes(tmp_path, monkeypatch):
 
 
 def test_off_grid_weight_stays_float(tmp_path):
-    from lcs.onnx_export import weights_as_codes
-    from lcs.quant import layer_quants
+    from lcs.deploy.onnx import weights_as_codes
+    from lcs.layers.quant import layer_quants
 
     plain = _quantized_plain(8)
     fqn = next(iter(layer_quants(plain)))

@@ -9,17 +9,26 @@ import torch
 from safetensors import safe_open
 
 import lcs
-import lcs.artifact
-from lcs.artifact import artifact_bytes, pack_ints, read_metadata, unpack_ints
+import lcs.codec
+import lcs.deploy.artifact
 from lcs.cli import main
-from lcs.config import load_config
+from lcs.codec import pack_ints, unpack_ints
+from lcs.deploy.artifact import artifact_bytes, describe_artifact
+from lcs.deploy.runtime import Runtime, save_subspace
 from lcs.errors import LcsError
-from lcs.methods import ChoiceSampler
-from lcs.quant import LayerQuant, affine_qparams, attach_layer_quant, fake_quantize, layer_quants, set_activation_quant
+from lcs.layers.quant import (
+    LayerQuant,
+    affine_qparams,
+    attach_layer_quant,
+    fake_quantize,
+    layer_quants,
+    set_activation_quant,
+)
 from lcs.regimes import QuantizedConfig, regime_from_dict, regime_to_dict
-from lcs.run import load_run
-from lcs.runtime import Runtime, save_subspace
-from lcs.train import Trainer
+from lcs.train.config import load_config
+from lcs.train.loop import Trainer
+from lcs.train.methods import ChoiceSampler
+from lcs.train.run import load_run
 
 ARCH = {"name": "cpreresnet20", "kwargs": {"num_classes": 10, "norm": "gn"}}
 META = {"arch": ARCH, "regime": "quantized"}
@@ -119,7 +128,7 @@ def test_straight_through_gradient():
     assert torch.equal(x.grad[outside], torch.zeros(int(outside.sum())))
     # the weights' own range always holds them: the weight gradient is the identity
     w = torch.randn(8, 4, 3, 3, requires_grad=True)
-    fq = lcs.quant.FakeQuant(lcs.parametrizations.SubspaceState(level=3))
+    fq = lcs.layers.quant.FakeQuant(lcs.layers.parametrizations.SubspaceState(levels={"bits": 3}))
     g = torch.randn_like(w)
     fq(w).backward(g)
     assert torch.equal(w.grad, g)
@@ -183,7 +192,7 @@ def test_pack_unpack_ints_round_trip(bits):
 
 
 def test_pack_ints_across_chunks(monkeypatch):
-    monkeypatch.setattr(lcs.artifact, "_CHUNK", 16)
+    monkeypatch.setattr(lcs.codec, "_CHUNK", 16)
     codes = torch.randint(0, 8, (101,), dtype=torch.int32)
     packed = pack_ints(codes, 3)
     assert packed.numel() == math.ceil(101 * 3 / 8)
@@ -220,23 +229,23 @@ def test_export_equals_fake_quantized_subspace_and_is_packed(tmp_path):
         loaded = lcs.load_compressed(path)
         with sub.at(a), torch.no_grad():
             assert torch.allclose(loaded(x), sub.model(x), atol=1e-5)
-        header = read_metadata(path)
+        header = describe_artifact(path)
         assert header["quant"] == {fqn: bits for fqn in sub.compressed}
         for fqn in sub.compressed:
             info = header["tensors"][f"{fqn}.weight"]
-            assert info["encoding"] == "packed_int" and info["bits"] == bits
+            assert info["encoding"] in ("packed_int", "sparse_int") and info["bits"] == bits
             w = loaded.get_submodule(fqn).weight
             assert len(torch.unique(w)) <= 2**bits
             with sub.at(a):
                 assert torch.equal(w, sub.model.get_submodule(fqn).weight.detach())  # bit for bit
         with safe_open(str(path), "pt") as f:
-            packed = sum(f.get_tensor(f"{fqn}.weight.codes").numel() for fqn in sub.compressed)
+            packed = f.get_tensor("bits").numel()  # every layer's codes (and positions, where sparse_int won)
         n = sum(sub.model.get_submodule(fqn).weight.numel() for fqn in sub.compressed)
-        assert packed == pytest.approx(n * bits / 8, abs=len(sub.compressed))  # b/32 of float32
+        assert packed <= n * bits / 8 + len(sub.compressed)  # at most b/32 of float32
         # saving the loaded network again gives the same file
         assert lcs.save_compressed(loaded, tmp_path / "again.safetensors", {**META, "alpha": a}) == sizes[bits]
     n = sum(sub.model.get_submodule(fqn).weight.numel() for fqn in sub.compressed)
-    assert sizes[8] - sizes[3] == pytest.approx(n * 5 / 8, abs=200)  # only the codes change size
+    assert sizes[8] - sizes[3] >= n * 5 / 8 - 200  # the codes shrink by 5 bits each at least (3-bit zeros: more)
 
 
 @pytest.mark.parametrize("geometry", ["line", "point"])
@@ -295,7 +304,7 @@ FAST = ["method.regime=quantized", "data.batch_size=32", "optim.epochs=2", "opti
 def test_each_quantized_method_trains(tmp_path, tiny_digits, method, extra):
     cfg = load_config(None, FAST + [f"method.name={method}"] + extra)
     trainer = Trainer(cfg, tmp_path / method, data=tiny_digits)
-    assert trainer.method.act_quant_start == 6  # half of 2 epochs × 6 steps
+    assert trainer.method.phase_start == 6  # half of 2 epochs × 6 steps
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     x = lcs.data.normalize(tiny_digits.train.images[:16], tiny_digits.mean, tiny_digits.std)
     y = tiny_digits.train.labels[:16]
@@ -350,4 +359,4 @@ def test_cli_export_is_packed_and_equal(quant_run, tmp_path, capsys):
     x = torch.randn(3, 3, 16, 16)
     with sub.at(a), torch.no_grad():
         assert torch.allclose(plain(x), sub.model(x), atol=1e-5)
-    assert read_metadata(path)["tensors"]["blocks.0.conv2.weight"]["encoding"] == "packed_int"
+    assert describe_artifact(path)["tensors"]["blocks.0.conv2.weight"]["encoding"] in ("packed_int", "sparse_int")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lcs
-from lcs.runtime import Runtime, save_subspace
+from lcs.deploy.runtime import Runtime, save_subspace
 
 ARCH = {"name": "cpreresnet20", "kwargs": {"num_classes": 10, "norm": "gn"}}
 
@@ -104,9 +104,10 @@ def test_runtime_imports_no_training_code(tmp_path, artifact):
     code = (
         "import sys, torch, safetensors.torch\n"
         "before = set(sys.modules)\n"
-        "from lcs.runtime import Runtime\n"
+        "from lcs.deploy.runtime import Runtime\n"
         f"rt = Runtime.load({str(artifact[2])!r}); rt.set_alpha(0.1); rt(torch.zeros(1, 3, 32, 32))\n"
-        "bad = [m for m in ('lcs.train', 'lcs.config', 'lcs.data', 'lcs.methods', 'lcs.report', 'lcs.cli', 'tqdm',"
+        "bad = [m for m in ('lcs.train', 'lcs.train.config', 'lcs.data.load', 'lcs.data.folder', 'lcs.data.batches',"
+        " 'lcs.train.methods', 'lcs.eval', 'lcs.cli', 'tqdm',"
         " 'matplotlib', 'yaml', 'sklearn', 'PIL') if m in set(sys.modules) - before]\n"
         "print(bad)\n"
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lcs.cli import main
-from lcs.run import load_run
+from lcs.train.run import load_run
 
 # 16 listed train files (one unreadable) at batch 8: two steps. Tiny images keep 11–20 M-parameter
 # models at about a second per step on 2 CPU cores.

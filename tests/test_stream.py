@@ -1,4 +1,4 @@
-"""lcs.stream: ImageNet-style folders decoded per batch by DataLoader workers."""
+"""lcs.data.stream: ImageNet-style folders decoded per batch by DataLoader workers."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lcs.config import AMP_MODES, PIPELINES
 from lcs.data import ImageData, eval_batches, load_data, train_batches
-from lcs.errors import LcsError
-from lcs.stream import (
+from lcs.data.stream import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     StreamData,
@@ -24,7 +22,9 @@ from lcs.stream import (
     resize_short_side,
     use_stream,
 )
-from lcs.stream import PIPELINES as STREAM_PIPELINES
+from lcs.data.stream import PIPELINES as STREAM_PIPELINES
+from lcs.errors import LcsError
+from lcs.train.config import AMP_MODES, PIPELINES
 
 SIZE = 24
 

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 import lcs
-from lcs.artifact import load_compressed, save_compressed
+from lcs.deploy.artifact import load_compressed, save_compressed
+from lcs.deploy.bake import materialize, strip_parametrizations
+from lcs.deploy.runtime import Runtime, save_subspace
 from lcs.errors import LcsError
-from lcs.materialize import materialize, strip_parametrizations
+from lcs.layers.slim import is_slim, width_channels
 from lcs.regimes import StructuredConfig
-from lcs.runtime import Runtime, save_subspace
-from lcs.slim import is_slim, width_channels
 
 SHAPE = (3, 16, 16)
 

@@ -7,11 +7,11 @@ import torch
 
 import lcs
 from lcs.cli import main
-from lcs.config import load_config
 from lcs.errors import LcsError
-from lcs.prune import prunable_norms, prune_by_norm_scale
-from lcs.run import load_run
-from lcs.train import Trainer
+from lcs.eval.prune import prunable_norms, prune_by_norm_scale
+from lcs.train.config import load_config
+from lcs.train.loop import Trainer
+from lcs.train.run import load_run
 
 FAST = ["method.regime=structured", "data.batch_size=32", "optim.epochs=1", "optim.warmup_epochs=0.5",
         "run.progress=false"]

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from lcs.checkpoint import latest_checkpoint
-from lcs.config import load_config
 from lcs.errors import LcsError
 from lcs.ops import num_kept
-from lcs.train import Trainer
+from lcs.train.checkpoint import latest_checkpoint
+from lcs.train.config import load_config
+from lcs.train.loop import Trainer
 
 FAST = ["data.batch_size=32", "optim.epochs=2", "optim.warmup_epochs=0.5", "run.progress=false"]
 

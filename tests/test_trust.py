@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import lcs
-from lcs.artifact import load_compressed, save_compressed
-from lcs.checkpoint import list_checkpoints
 from lcs.cli import main
-from lcs.config import load_config
+from lcs.deploy.artifact import load_compressed, save_compressed
+from lcs.deploy.runtime import Runtime, save_subspace
 from lcs.files import DamagedFileError, dumps_json, load_tensors, save_tensors
-from lcs.runtime import Runtime, save_subspace
-from lcs.train import DivergedError, Trainer
+from lcs.train.checkpoint import list_checkpoints
+from lcs.train.config import load_config
+from lcs.train.loop import DivergedError, Trainer
 
 FAST = ["data.batch_size=32", "optim.epochs=2", "optim.warmup_epochs=0.5", "run.progress=false"]
 

@@ -26,7 +26,7 @@ BEGIN, END = "<!-- demo-table: begin (tools/readme_demo_table.py) -->", "<!-- de
 
 def render(eval_json: Path) -> str:
     sys.path.insert(0, str(ROOT / "src"))
-    from lcs.report import format_table
+    from lcs.eval.report import format_table
 
     records = json.loads(eval_json.read_text())["records"]
     rows = [r for r in records if any(abs(r["alpha"] - a) < 1e-9 for a in ALPHAS)]

@@ -24,7 +24,38 @@ def _floats(text: str) -> list[float]:
         raise LcsError(f"--grid expects comma-separated numbers, got {text!r}") from None
 
 
-_RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "eval.json", "eval.png", "eval_bn_stats.png")
+def _levels(text: str) -> dict[str, float]:
+    """``density=0.1,bits=4`` → {"density": 0.1, "bits": 4.0}."""
+    out = {}
+    for part in (p for p in text.split(",") if p.strip()):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise LcsError(f"--levels expects name=value pairs like density=0.1,bits=4, got {text!r}") from None
+    return out
+
+
+def _points(text: str, where) -> list:
+    """A --grid: α values (``0.1,0.5,1``), or on a point subspace of several levels, level cells
+    separated by ``;`` (``density=0.1,bits=4;density=0.5,bits=8``)."""
+    if "=" in text:
+        return [_levels(cell) for cell in text.split(";") if cell.strip()]
+    return _floats(text)
+
+
+def _point_of(args: argparse.Namespace, sub):
+    if args.levels:
+        if args.alpha is not None:
+            raise LcsError("give --alpha or --levels, not both")
+        return _levels(args.levels)
+    return args.alpha
+
+
+_RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "eval.json", "eval.png", "eval_bn_stats.png",
+              "eval_heatmap.png")
 
 
 def _run_files(out: Path) -> list[str]:
@@ -33,8 +64,8 @@ def _run_files(out: Path) -> list[str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import apply_overrides, config_from_dict, load_config
-    from .train import Trainer
+    from .train.config import apply_overrides, config_from_dict, load_config
+    from .train.loop import Trainer
 
     overrides = list(args.set or [])
     for key, value in (("method.regime", args.regime), ("method.name", args.method), ("model.name", args.model),
@@ -64,7 +95,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for name in earlier:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    from .distributed import shutdown_distributed
+    from .train.distributed import shutdown_distributed
 
     trainer = Trainer(cfg, out, resume=args.resume)
     try:
@@ -80,10 +111,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .config import apply_overrides
-    from .evaluate import DEFAULT_GRIDS, default_grid, sweep
-    from .report import format_table, plot_bn_gaps, plot_runs
-    from .run import arch_meta, load_run, open_data, resolve_device
+    from .eval.evaluate import default_grid, sweep
+    from .eval.report import format_table, plot_bn_gaps, plot_runs
+    from .regimes import record_of
+    from .train.config import apply_overrides
+    from .train.run import arch_meta, load_run, open_data, resolve_device
 
     cfg, sub, state = load_run(args.run)
     for key, value in (("run.device", args.device), ("data.workers", args.workers)):
@@ -93,17 +125,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     data = open_data(cfg, root=args.data_root if args.data else None, name=args.data)
     if data.num_classes != cfg.model.num_classes:
         raise LcsError(f"the evaluation data has {data.num_classes} classes, the run {cfg.model.num_classes}")
-    grid = _floats(args.grid) if args.grid else default_grid(sub.config)
-    if cfg.method.name == "target" and not args.grid:  # quantized targets are bits: their bin's α
-        grid = [sub.config.alpha_of(cfg.method.target) if cfg.method.regime == "quantized" else cfg.method.target]
+    record = record_of(sub.config)
+    grid = _points(args.grid, sub) if args.grid else default_grid(sub.config)
+    if record.methods[cfg.method.name].sampler == "target" and not args.grid:  # one network: the target's α
+        grid = [sub.config.alpha_of(cfg.method.target)]
     device = resolve_device(cfg.run.device)
     sub.model.to(device)
     meta = {"arch": arch_meta(cfg), "regime": cfg.method.regime, "method": cfg.method.name}
     latency = tuple(int(b) for b in _floats(args.latency_batch)) if args.latency_batch else ()
     if cfg.method.name == "lec":
-        from .prune import sweep_keep
+        from .eval.prune import sweep_keep
 
-        keeps = _floats(args.keep) if args.keep else DEFAULT_GRIDS["structured"]  # kept fractions, like widths
+        keeps = _floats(args.keep) if args.keep else [sub.config.level(a) for a in default_grid(sub.config)]
         records = sweep_keep(sub, keeps, data, device, meta, latency)
     else:
         if not args.no_progress:
@@ -117,9 +150,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                "provenance": _provenance(cfg, data, state), "records": records}
     write_json(json_path, payload)
     plot_path = json_path.with_suffix(".png")
-    x = {"structured": "params", "quantized": "bits"}.get(cfg.method.regime, "sparsity")
-    plot_runs([(f"{cfg.method.name} ({cfg.method.regime})", records)], plot_path, x=x)
+    plot_runs([(f"{cfg.method.name} ({cfg.method.regime})", records)], plot_path, x=record.plot_axis)
     written = [json_path, plot_path]
+    if len(sub.config.level_names) == 2 and any(isinstance(a, dict) for a in grid):  # a grid of two levels
+        from .eval.report import plot_heatmap
+
+        heat_path = json_path.with_name(json_path.stem + "_heatmap.png")
+        plot_heatmap(records, *sub.config.level_names, heat_path,
+                     title=f"{cfg.method.name} ({cfg.method.regime}): accuracy and bytes per cell")
+        written.append(heat_path)
     if any("bn_gaps" in r for r in records):
         bn_path = json_path.with_name(json_path.stem + "_bn_stats.png")
         plot_bn_gaps([(cfg.method.name, records)], bn_path)
@@ -176,7 +215,7 @@ def _shared_axis(runs: list) -> str:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .report import plot_runs
+    from .eval.report import plot_runs
 
     runs = []
     for run in args.runs:
@@ -196,12 +235,12 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .run import arch_meta, load_run
+    from .train.run import arch_meta, load_run
 
     cfg, sub, _ = load_run(args.run)
     meta = {"arch": arch_meta(cfg), "regime": cfg.method.regime, "method": cfg.method.name}
     if args.subspace:
-        from .runtime import save_subspace
+        from .deploy.runtime import save_subspace
 
         if args.alpha is not None or args.format != "safetensors":
             raise LcsError("--subspace writes the whole subspace as safetensors: drop --alpha/--format")
@@ -212,34 +251,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: {size:,} bytes, the whole {cfg.method.regime} subspace "
               f"({sub.config.geometry}), α in [{sub.alpha_range[0]:g}, {sub.alpha_range[1]:g}]")
         return 0
-    if args.alpha is None:
-        raise LcsError("export needs --alpha A (or --subspace for the whole subspace)")
+    if args.alpha is None and not args.levels:
+        raise LcsError("export needs --alpha A (or --levels density=0.1,bits=4 on a point subspace, or --subspace for "
+                       "the whole subspace)")
     from . import models
-    from .artifact import dense_float32_bytes, network_meta
-    from .materialize import materialize
+    from .deploy.artifact import dense_float32_bytes, network_meta
+    from .deploy.bake import materialize
 
-    level = sub.set_alpha(args.alpha)
-    plain = materialize(sub, args.alpha)
+    point = _point_of(args, sub)
+    levels = sub.move(point)
+    plain = materialize(sub, point)
     dense = dense_float32_bytes(models.create(meta["arch"]["name"], **meta["arch"]["kwargs"]))
     if args.format == "onnx":
-        from .onnx_export import export_onnx
+        from .deploy.onnx import export_onnx
 
         if not args.no_progress:
             print("exporting to ONNX (torch.export + onnxscript: about half a minute) ...", file=sys.stderr,
                   flush=True)
         size = export_onnx(plain, args.out, (3, cfg.data.image_size, cfg.data.image_size))
-        note = {"unstructured": " (ONNX stores unstructured zeros densely)",
-                "quantized": " (ONNX holds quantized weights as uint8 codes + DequantizeLinear, one byte per "
-                             "weight; the .safetensors artifact packs them into b bits)"
-                }.get(sub.config.regime, "")
+        from .regimes import record_of
+
+        note = record_of(sub.config).notes.get("onnx", "")
     else:
-        from .artifact import save_compressed
+        from .deploy.artifact import save_compressed
 
         size = save_compressed(plain, args.out, network_meta(meta["arch"], cfg.method.regime, cfg.method.name,
-                                                             args.alpha, sub.config.level_name, level))
+                                                             sub.alpha, levels))
         note = ""
     print(f"wrote {args.out}: {size:,} bytes ({size / dense:.1%} of the full dense float32 network's {dense:,}{note}), "
-          f"α={args.alpha:g}, {sub.config.level_name}={level:g}")
+          f"α={sub.alpha:g}, " + ", ".join(f"{k}={v:g}" for k, v in levels.items()))
     return 0
 
 
@@ -252,9 +292,9 @@ _PROFILE_COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"),
 def _cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import default_grid
-    from .report import format_table, plot_profile
-    from .runtime import Runtime
+    from .deploy.runtime import Runtime
+    from .eval.evaluate import default_grid
+    from .eval.report import format_table, plot_profile
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -262,17 +302,17 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     batches = [int(b) for b in _floats(args.batch)]
     if not batches or min(batches) < 1:
         raise LcsError(f"--batch expects positive integers, got {args.batch!r}")
-    grid = _floats(args.grid) if args.grid else default_grid(rt.config)
+    grid = _points(args.grid, rt) if args.grid else default_grid(rt.config)
     shape = tuple(rt.header.get("input_shape", (3, 32, 32)))
     data = None
     if args.data:
         from .data import load_data
-        from .run import cache_dir
+        from .train.run import cache_dir
 
         info = rt.header.get("data", {})  # the training run's split, so accuracy is on held-out images
         data = load_data(args.data, args.data_root, val_fraction=info.get("val_fraction", 0.1),
                          seed=info.get("seed", 0), image_size=shape[-1], cache_dir=cache_dir())
-    from .profile import profile_runtime
+    from .deploy.profile import profile_runtime
 
     bar = None
     if not args.no_progress:
@@ -300,17 +340,18 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     lat, acc = out.with_name(out.stem + "_latency.png"), out.with_name(out.stem + "_accuracy.png")
     plot_profile(records, batches, lat, acc if data is not None else None, title=f"{rt.regime}: latency vs α")
     print(f"wrote {out}, {lat}" + (f", {acc}" if data is not None else ""))
-    if rt.regime == "unstructured":
-        print("note: 'bN sparse' counts the layers that run on CSR kernels at batch N (chosen per layer by a "
-              "micro-benchmark on this machine, cached in $LCS_CACHE)")
+    from .regimes import record_of
+
+    if record_of(rt.config).notes.get("profile"):
+        print(record_of(rt.config).notes["profile"])
     return 0
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from .adapt import run_scenario, timeline
-    from .profile import profile_runtime, quick_grid
-    from .report import plot_adapt
-    from .runtime import Runtime
+    from .deploy.adapt import run_scenario, timeline
+    from .deploy.profile import profile_runtime, quick_grid
+    from .deploy.runtime import Runtime
+    from .eval.report import plot_adapt
 
     if args.budget_ms <= 0 or args.seconds <= 0 or not (0 <= args.load_at < args.seconds):
         raise LcsError("need --budget-ms > 0, --seconds > 0 and 0 <= --load-at < --seconds")
@@ -342,15 +383,24 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _records():
+    from .regimes import REGISTRY
+
+    return list(REGISTRY.items())
+
+
+def _regime_names() -> list[str]:
+    return [name for name, _ in _records()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lcs", description="Learning Compressible Subspaces: train once, "
                                 "choose the compression level at inference time.")
     sp = p.add_subparsers(dest="command", required=True)
 
     t = sp.add_parser("train", help="train a compressible subspace")
-    t.add_argument("--regime", help="unstructured | structured | quantized")
-    t.add_argument("--method", help="unstructured, quantized: lcs_l | lcs_p | target; structured: lcs_l | lcs_p | us | "
-                   "ns | lec")
+    t.add_argument("--regime", help=" | ".join(_regime_names()))
+    t.add_argument("--method", help="; ".join(f"{name}: {' | '.join(rec.methods)}" for name, rec in _records()))
     t.add_argument("--model", help="a registered model name (default cpreresnet20)")
     t.add_argument("--data", help="digits | cifar10 | folder")
     t.add_argument("--data-root", help="dataset folder for cifar10/folder")
@@ -373,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sp.add_parser("eval", help="sweep a trained subspace over α")
     e.add_argument("run")
-    e.add_argument("--grid", help="comma-separated α values (default: the regime's grid)")
+    e.add_argument("--grid", help="comma-separated α values, or level cells like 'density=0.1,bits=4;density=0.5,"
+                   "bits=8' on a point subspace of several levels (default: the regime's grid)")
     e.add_argument("--data", help="evaluate on other data (default: the run's)")
     e.add_argument("--data-root")
     e.add_argument("--json", help="output JSON (default RUN/eval.json; the plot goes next to it)")
@@ -395,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sp.add_parser("export", help="write the compressed network at α (or the whole subspace)")
     x.add_argument("run")
     x.add_argument("--alpha", type=float)
+    x.add_argument("--levels", help="a point subspace's levels instead of α, e.g. density=0.1,bits=4")
     x.add_argument("--subspace", action="store_true", help="write the whole subspace for lcs.Runtime")
     x.add_argument("--format", default="safetensors", choices=["safetensors", "onnx"])
     x.add_argument("--out", required=True)

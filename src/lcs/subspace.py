@@ -7,118 +7,20 @@ layers compress. Models themselves stay ordinary ``nn.Module`` s.
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .bn_stats import prepare_bn_stats
 from .errors import LcsError
-from .parametrizations import Line, SubspaceState, TopK
-from .quant import FakeQuant, attach_layer_quant, prepare_bn_folding
-from .regimes import QuantizedConfig, RegimeConfig, StructuredConfig, UnstructuredConfig, check_alpha
-from .slim import make_slim
+from .layers.bn_stats import prepare_bn_stats
+from .layers.parametrizations import Line, SubspaceState
+from .layers.select import LINEAR_TYPES, NORM_TYPES, FilterFn, all_but_classifier, default_filter, leaf_layers
+from .regimes import Point, RegimeConfig, check_alpha, record_of
 
-__all__ = ["Subspace", "convert", "register_regime", "default_filter", "all_but_classifier", "LINEAR_TYPES",
-           "NORM_TYPES"]
-
-LINEAR_TYPES = (nn.Conv2d, nn.Linear)
-NORM_TYPES = (nn.GroupNorm, nn.BatchNorm2d, nn.InstanceNorm2d, nn.LayerNorm, nn.BatchNorm1d)
-
-FilterFn = Callable[[nn.Module, str], bool]
-RegimeHandler = Callable[[nn.Module, str, SubspaceState, Any], None]
-Prepare = Callable[[nn.Module, SubspaceState, Any, set[str]], None]
-
-
-@dataclass(frozen=True)
-class _Regime:
-    compress: RegimeHandler  # makes one chosen layer compressible
-    prepare: Prepare | None  # runs on the whole model first (before any parametrization)
-    is_line: Callable[[nn.Module, Any], bool]  # which modules' tensors become lines
-    default_filter: Callable[[nn.Module], FilterFn]
-
-
-_REGIMES: dict[type, _Regime] = {}
-
-
-def _every_layer_is_line(module: nn.Module, config: Any) -> bool:
-    return True
-
-
-def _leaf_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
-
-
-def default_filter(model: nn.Module) -> FilterFn:
-    """Compress every Conv2d/Linear except the first and the last (the stem and the classifier),
-    which SPEC §2 keeps dense: they are tiny and the most sensitive."""
-    layers = _leaf_layers(model)
-    keep_dense = {layers[0][0], layers[-1][0]} if layers else set()
-    return lambda module, fqn: isinstance(module, LINEAR_TYPES) and fqn not in keep_dense
-
-
-def all_but_classifier(model: nn.Module) -> FilterFn:
-    """Every Conv2d/Linear but the last: the stem narrows its outputs too (it sees all input
-    channels), so that residual sums of any width line up; the classifier keeps all outputs."""
-    layers = _leaf_layers(model)
-    last = layers[-1][0] if layers else None
-    return lambda module, fqn: isinstance(module, LINEAR_TYPES) and fqn != last
-
-
-def register_regime(config_type: type, *, prepare: Prepare | None = None,
-                    is_line: Callable[[nn.Module, Any], bool] = _every_layer_is_line,
-                    default_filter: Callable[[nn.Module], FilterFn] = default_filter
-                    ) -> Callable[[RegimeHandler], RegimeHandler]:
-    """Register ``fn(module, fqn, state, config)`` that makes one layer compressible for a regime,
-    plus optional whole-model preparation, the line scope and the default layer filter."""
-
-    def deco(fn: RegimeHandler) -> RegimeHandler:
-        _REGIMES[config_type] = _Regime(fn, prepare, is_line, default_filter)
-        return fn
-
-    return deco
-
-
-@register_regime(UnstructuredConfig)
-def _add_topk(module: nn.Module, fqn: str, state: SubspaceState, config: UnstructuredConfig) -> None:
-    parametrize.register_parametrization(module, "weight", TopK(state))
-
-
-def _slim_everything(model: nn.Module, state: SubspaceState, config: StructuredConfig, compressed: set[str]) -> None:
-    for fqn, m in model.named_modules():
-        if fqn in compressed:
-            c_out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-            if math.floor(c_out * config.w_min + 0.5) < 1:
-                raise LcsError(f"w_min={config.w_min:g} leaves layer {fqn!r} ({c_out} output channels) with zero "
-                               f"channels: raise w_min to at least {0.5 / c_out:.3g}")
-        if isinstance(m, LINEAR_TYPES + NORM_TYPES):
-            make_slim(m, state, scale_out=fqn in compressed)
-
-
-def _structured_line(module: nn.Module, config: StructuredConfig) -> bool:
-    return config.line_scope == "all" or isinstance(module, NORM_TYPES)
-
-
-@register_regime(StructuredConfig, prepare=_slim_everything, is_line=_structured_line,
-                 default_filter=all_but_classifier)
-def _width_follows(module: nn.Module, fqn: str, state: SubspaceState, config: StructuredConfig) -> None:
-    """Nothing per layer: ``make_slim`` already made compressing layers follow the width."""
-
-
-def _prepare_batchnorm(model: nn.Module, state: SubspaceState, config: QuantizedConfig, compressed: set[str]) -> None:
-    prepare_bn_folding(model, compressed)
-
-
-@register_regime(QuantizedConfig, prepare=_prepare_batchnorm)
-def _add_fake_quant(module: nn.Module, fqn: str, state: SubspaceState, config: QuantizedConfig) -> None:
-    """Weights (times the scale of a BatchNorm folded into the layer) fake-quantized after the line;
-    the layer's input quantized by a running-range observer."""
-    parametrize.register_parametrization(module, "weight", FakeQuant(state, fold=module.__dict__.get("lcs_fold_bn")))
-    attach_layer_quant(module, state)
+__all__ = ["Subspace", "convert", "default_filter", "all_but_classifier", "LINEAR_TYPES", "NORM_TYPES"]
 
 
 def _line_init(module: nn.Module, name: str, line_init: str) -> str:
@@ -130,7 +32,7 @@ def _line_init(module: nn.Module, name: str, line_init: str) -> str:
 
 
 def _nothing_to_compress(model: nn.Module, custom_filter: bool) -> str:
-    layers = _leaf_layers(model)
+    layers = leaf_layers(model)
     others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv3d,
                                                                                   nn.ConvTranspose2d))})
     if custom_filter:
@@ -148,7 +50,7 @@ def _warn_if_mostly_dense(model: nn.Module, compressed: set[str]) -> None:
     """A model whose chosen layers hold a small share of its weights compresses little: say so."""
     import warnings
 
-    layers = [(fqn, m) for fqn, m in _leaf_layers(model)
+    layers = [(fqn, m) for fqn, m in leaf_layers(model)
               if not isinstance(m.weight, nn.parameter.UninitializedParameter)]  # lazy layers: sizes unknown yet
     total = sum(m.weight.numel() for _, m in layers)
     chosen = sum(m.weight.numel() for fqn, m in layers if fqn in compressed)
@@ -178,44 +80,82 @@ class Subspace:
         self.compressed = compressed
         self.lines = lines
         self.input_shape: tuple[int, ...] | None = None  # (C, H, W): sizes physically slim networks
+        self.decisions: dict[str, Any] = {}  # what the regime decided at conversion (stored in subspace files)
 
-    # -- α ---------------------------------------------------------------------------------------
+    # -- α and levels ----------------------------------------------------------------------------
     @property
     def alpha(self) -> float:
         return self.state.alpha
 
     @property
     def level(self) -> float:
-        return self.state.level
+        """The primary level (density, width or bits; ``levels`` has every named level)."""
+        return self.state.levels[self.config.level_name]
+
+    @property
+    def levels(self) -> dict[str, float]:
+        return dict(self.state.levels)
 
     @property
     def alpha_range(self) -> tuple[float, float]:
         return self.config.alpha_range
 
-    def set_alpha(self, alpha: float, level: float | None = None) -> float:
-        """Move the whole model to α; returns the realized level (density, width or bits).
+    def set_alpha(self, alpha: float, level: float | Mapping[str, float] | None = None) -> float:
+        """Move the whole model to α; returns the realized primary level (density, width or bits).
 
         A quantized line moves to the upper edge of α's bit-width bin, where that width was trained
         (``QuantizedConfig.position``); ``alpha`` then reports that edge.
 
-        ``level`` overrides γ(α) (training warm-ups use it); it is validated against the regime.
-        Raises ``ValueError`` (``LcsError``) for α outside the trained range or NaN.
+        ``level`` overrides γ(α) (training warm-ups use it): the primary level as a number, or a dict of
+        named levels. Raises ``ValueError`` (``LcsError``) for α outside the trained range or NaN.
         """
         a = self.config.position(check_alpha(alpha, *self.alpha_range))
-        lvl = self.config.level(a) if level is None else float(level)
-        if level is not None and not (0.0 < lvl <= self.config.level_max):
-            raise LcsError(f"level={level} is outside (0, {self.config.level_max:g}]")
-        self.state.alpha, self.state.level = a, lvl
-        return lvl
+        levels = self.config.levels(a)
+        if level is not None:
+            override = level if isinstance(level, Mapping) else {self.config.level_name: level}
+            maxima = self.config.levels_max
+            for name, value in override.items():
+                if name not in maxima:
+                    raise LcsError(f"{name!r} is not a level of the {self.config.regime} regime "
+                                   f"({', '.join(self.config.level_names)})")
+                if not (0.0 < float(value) <= maxima[name]):
+                    raise LcsError(f"{name}={value} is outside (0, {maxima[name]:g}]")
+                levels[name] = float(value) if not isinstance(levels[name], int) else int(value)
+        self.state.alpha, self.state.levels = a, levels
+        return levels[self.config.level_name]
+
+    def set_levels(self, **levels: float) -> dict[str, float]:
+        """Move a point subspace (LCS+P) to any combination of its levels, e.g.
+        ``sub.set_levels(density=0.1, bits=4)``; levels not named keep their current value. A line's
+        weights depend on α: use ``set_alpha`` there."""
+        if self.config.geometry != "point":
+            raise LcsError("set_levels needs a point subspace (LCS+P): on a line the levels follow α (set_alpha)")
+        unknown = set(levels) - set(self.config.level_names)
+        if unknown:
+            raise LcsError(f"unknown level(s) {', '.join(sorted(unknown))} for the {self.config.regime} regime "
+                           f"({', '.join(self.config.level_names)})")
+        self.state.levels = self.config.check_levels({**self.state.levels, **levels})
+        return dict(self.state.levels)
+
+    def move(self, point: Point) -> dict[str, float]:
+        """Go to a point: an α, or a dict of levels (points only); returns every level."""
+        if isinstance(point, Mapping):
+            return self.set_levels(**point)
+        self.set_alpha(point)
+        return dict(self.state.levels)
 
     @contextlib.contextmanager
-    def at(self, alpha: float, level: float | None = None) -> Iterator[float]:
-        """Temporarily move to α: ``with sub.at(0.1): model(x)``."""
-        old = (self.state.alpha, self.state.level)
+    def at(self, point: Point, level: float | Mapping[str, float] | None = None) -> Iterator[float]:
+        """Temporarily move to α (or a dict of levels): ``with sub.at(0.1): model(x)``; yields the
+        primary level."""
+        old = (self.state.alpha, dict(self.state.levels))
         try:
-            yield self.set_alpha(alpha, level)
+            if isinstance(point, Mapping):
+                yield self.set_levels(**point)[self.config.level_name]
+            else:
+                yield self.set_alpha(point, level)
         finally:
-            self.state.alpha, self.state.level = old
+            self.state.alpha, self.state.levels = old
 
     # -- parameters ------------------------------------------------------------------------------
     def _module(self, fqn: str) -> nn.Module:
@@ -241,11 +181,12 @@ class Subspace:
 
     def __repr__(self) -> str:
         return (f"Subspace({type(self.config).__name__}, geometry={self.config.geometry}, "
-                f"alpha={self.alpha:g}, {self.config.level_name}={self.level:g}, "
+                f"alpha={self.alpha:g}, {', '.join(f'{k}={v:g}' for k, v in self.state.levels.items())}, "
                 f"{len(self.compressed)} compressed layers, {len(self.lines)} line tensors)")
 
 
-def convert(model: nn.Module, config: RegimeConfig, *, filter_fn: FilterFn | None = None) -> Subspace:
+def convert(model: nn.Module, config: RegimeConfig, *, filter_fn: FilterFn | None = None,
+            decisions: Mapping[str, Any] | None = None) -> Subspace:
     """Make ``model`` a compressible subspace in place and return its handle.
 
     Args:
@@ -253,6 +194,8 @@ def convert(model: nn.Module, config: RegimeConfig, *, filter_fn: FilterFn | Non
         config: a regime config, e.g. ``UnstructuredConfig(geometry="line")``.
         filter_fn: ``(module, fqn) -> bool`` choosing the layers that compress; defaults to every
             Conv2d/Linear except the first and the last.
+        decisions: what an earlier conversion decided (``Subspace.decisions``, e.g. which BatchNorms
+            fold into quantized convs), as a subspace file records it: reused instead of re-derived.
 
     Under ``geometry="line"`` every weight and bias of every Conv2d/Linear/norm layer becomes a
     line (the dense stem and classifier too, SPEC §2). Build the optimizer *after* converting:
@@ -264,21 +207,20 @@ def convert(model: nn.Module, config: RegimeConfig, *, filter_fn: FilterFn | Non
         >>> sub.set_alpha(0.1)
         0.1
     """
-    regime = _REGIMES.get(type(config))
-    if regime is None:
-        raise LcsError(f"no regime registered for {type(config).__name__}")
+    regime = record_of(config)
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise LcsError("model is already converted (it has parametrizations)")
-    state = SubspaceState(alpha=config.alpha_range[1], level=config.level_max)
-    chosen = filter_fn or regime.default_filter(model)
+    state = SubspaceState(alpha=config.alpha_range[1], levels=config.levels(config.alpha_range[1]))
+    chosen = filter_fn or (regime.default_filter or default_filter)(model)
     compressed = [fqn for fqn, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and chosen(m, fqn)]
     if not compressed:
         raise LcsError(_nothing_to_compress(model, filter_fn is not None))
     _warn_if_mostly_dense(model, set(compressed))
     if config.stats_rows:  # BN statistics per level, for any regime that asks (before folding hooks)
         prepare_bn_stats(model, state, config)
+    made: dict[str, Any] = {}
     if regime.prepare is not None:
-        regime.prepare(model, state, config, set(compressed))
+        made = regime.prepare(model, state, config, set(compressed), dict(decisions or {}))
     lines: list[tuple[str, str]] = []
     if config.geometry == "line":
         for fqn, module in model.named_modules():
@@ -291,5 +233,7 @@ def convert(model: nn.Module, config: RegimeConfig, *, filter_fn: FilterFn | Non
                     lines.append((fqn, name))
     modules = dict(model.named_modules())
     for fqn in compressed:
-        regime.compress(modules[fqn], fqn, state, config)
-    return Subspace(model, config, state, compressed, lines)
+        regime.convert_layer(modules[fqn], fqn, state, config)
+    sub = Subspace(model, config, state, compressed, lines)
+    sub.decisions = made
+    return sub

@@ -1,0 +1,127 @@
+"""Pick α from a latency budget while the device's load changes.
+
+The controller starts from a measured profile (latency per α on this device) and corrects it
+online: the ratio of measured to profiled latency is tracked as an exponential moving average
+(the *load factor*), so a competing process that makes everything 2× slower shifts every
+prediction 2×. It then serves the largest α whose predicted latency fits the budget. Hysteresis:
+moving up needs the prediction to fit with a safety margin, and any switch is followed by a few
+requests of dwell, so the choice does not oscillate at the boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import LcsError
+from .runtime import Runtime
+
+__all__ = ["BudgetController", "Decision"]
+
+
+@dataclass
+class Decision:
+    alpha: float
+    latency_ms: float
+    predicted_ms: float
+    load_factor: float
+    feasible: bool  # False when even the most efficient α is predicted over budget
+
+
+class BudgetController:
+    """Serve requests within ``budget_ms`` by choosing α before each one.
+
+    Args:
+        rt: the runtime to drive.
+        profile: records with ``alpha`` and ``latency_ms_b{batch}``, or the JSON (path or dict) that
+            ``lcs profile`` writes.
+        budget_ms: the latency budget per request.
+        batch: which batch size's latencies to use from the profile.
+        smoothing: EMA weight of each new measurement in the load factor.
+        margin: moving up requires predicted ≤ (1 − margin)·budget.
+        dwell: requests to stay at an α after switching.
+        jump: a measured slowdown this far (×) from the load factor replaces it instead of being smoothed.
+        clock: seconds, monotonic (tests pass a simulated one).
+    """
+
+    def __init__(self, rt: Runtime, profile: Sequence[dict[str, Any]] | dict[str, Any] | str | os.PathLike,
+                 budget_ms: float, *, batch: int = 1, smoothing: float = 0.3, margin: float = 0.15, dwell: int = 3,
+                 jump: float = 1.5, clock=time.perf_counter):
+        if isinstance(profile, (str, os.PathLike)):
+            with open(profile) as f:
+                profile = json.load(f)
+        if isinstance(profile, dict):  # the JSON that `lcs profile` writes
+            profile = profile["records"]
+        if budget_ms <= 0:
+            raise LcsError(f"budget_ms must be > 0, got {budget_ms}")
+        key = f"latency_ms_b{batch}"
+        lo, hi = rt.alpha_range
+        points = sorted((float(r["alpha"]), float(r[key])) for r in profile
+                        if key in r and lo - 1e-9 <= r["alpha"] <= hi + 1e-9)
+        if not points:
+            raise LcsError(f"the profile has no {key} entries inside the runtime's range [{lo:g}, {hi:g}]")
+        self.rt, self.budget_ms, self.points = rt, float(budget_ms), points
+        self.smoothing, self.margin, self.dwell, self.jump, self.clock = smoothing, margin, dwell, jump, clock
+        self.load_factor = 1.0
+        self._since_switch = dwell
+        self.feasible = True
+
+    def profiled_ms(self, alpha: float) -> float:
+        """Profile latency at α (linear interpolation between profiled points)."""
+        pts = self.points
+        if alpha <= pts[0][0]:
+            return pts[0][1]
+        for (a0, l0), (a1, l1) in zip(pts, pts[1:], strict=False):
+            if alpha <= a1:
+                return l0 + (l1 - l0) * (alpha - a0) / (a1 - a0)
+        return pts[-1][1]
+
+    def predicted_ms(self, alpha: float) -> float:
+        return self.profiled_ms(alpha) * self.load_factor
+
+    def choose(self) -> float:
+        """The α for the next request."""
+        current = self.rt.alpha
+        fits = [a for a, _ in self.points if self.predicted_ms(a) <= self.budget_ms]
+        self.feasible = bool(fits)
+        if not fits:
+            return self.points[0][0]  # nothing fits: the most efficient point, and say so
+        best = max(fits)
+        if best > current:
+            if self._since_switch < self.dwell:
+                return current
+            up = [a for a in fits if a > current and self.predicted_ms(a) <= (1 - self.margin) * self.budget_ms]
+            return max(up) if up else (current if current in fits else best)
+        return best  # moving down is never delayed: the budget comes first
+
+    def observe(self, alpha: float, latency_ms: float) -> None:
+        """Learn the load factor from one request. A measurement far from the current factor (load
+        arriving or going away: over ``jump``× off) replaces it at once, so the next request already
+        jumps to the α that fits; small deviations are smoothed, so noise does not make α flicker."""
+        ratio = latency_ms / max(self.profiled_ms(alpha), 1e-6)
+        if ratio > self.jump * self.load_factor or ratio * self.jump < self.load_factor:
+            self.load_factor = ratio
+        else:
+            self.load_factor += self.smoothing * (ratio - self.load_factor)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, Decision]:
+        """Choose α, switch if needed, run the request, learn from its latency."""
+        alpha = self.choose()
+        if alpha != self.rt.alpha:
+            self.rt.set_alpha(alpha)
+            self._since_switch = 0
+        else:
+            self._since_switch += 1
+        predicted = self.predicted_ms(alpha)
+        t0 = self.clock()
+        y = self.rt(x)
+        ms = (self.clock() - t0) * 1e3
+        self.observe(alpha, ms)
+        return y, Decision(alpha, ms, predicted, self.load_factor, self.feasible)

@@ -1,0 +1,93 @@
+"""Measure what each α costs on the machine this runs on: latency, switch time, size, MACs,
+and (given data) accuracy. The controller (``lcs.controller``) starts from these numbers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..eval.stats import count_macs, count_params
+from ..layers.kernels import sparse_layer_count
+from .artifact import artifact_bytes, network_meta
+from .runtime import Runtime
+
+__all__ = ["measure_latency", "profile_runtime", "quick_grid"]
+
+
+def quick_grid(alpha_range: tuple[float, float]) -> list[float]:
+    """A few α spread over the trained range (both ends included): enough for the controller."""
+    lo, hi = alpha_range
+    return sorted({lo, *[a for a in (0.1, 0.25, 0.5, 0.75) if lo < a < hi], hi})
+
+
+@torch.no_grad()
+def measure_latency(fn, x: torch.Tensor, *, warmup: int = 3, repeats: int = 20,
+                    max_seconds: float = 5.0) -> list[float]:
+    """Wall-clock milliseconds of ``fn(x)`` after ``warmup`` untimed calls (at most ``max_seconds``)."""
+    for _ in range(warmup):
+        fn(x)
+    times: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def p90(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+def profile_runtime(rt: Runtime, grid: Sequence[Any], batches: Sequence[int], input_shape: tuple[int, int, int],
+                    *, data=None, repeats: int = 20, progress=None) -> list[dict[str, Any]]:
+    """One record per α: ``switch_ms`` (median of 3 switches into α), ``first_batch_ms`` (the
+    first forward after a switch, batch ``batches[0]``), ``latency_ms_b{B}`` / ``p90_ms_b{B}`` per
+    batch size, ``params``, ``nonzero_params``, ``macs``, ``bytes`` and, with data, ``accuracy``."""
+    records = []
+    lo, hi = rt.alpha_range
+    rt.tune(list(grid), list(batches), input_shape)  # kernel choices measured (or read from cache) first
+    for alpha in grid:
+        rec: dict[str, Any] = {"alpha": alpha}  # a dict of levels on multi-level points: replaced below
+        other = hi if alpha != hi else lo
+        switches, firsts = [], []
+        x0 = torch.randn(batches[0], *input_shape)
+        for _ in range(3):
+            rt.set_alpha(other)
+            rt(x0)
+            t0 = time.perf_counter()
+            rec.update(rt.move(alpha))
+            switches.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            rt(x0)
+            firsts.append((time.perf_counter() - t0) * 1e3)
+        if isinstance(alpha, dict):
+            rec["alpha"] = rt.alpha
+        rec["switch_ms"] = statistics.median(switches)
+        rec["first_batch_ms"] = statistics.median(firsts)
+        for b in batches:
+            reps = repeats if b <= 8 else max(5, repeats // 4)  # big batches: fewer, longer runs
+            times = measure_latency(rt, torch.randn(b, *input_shape), repeats=reps)
+            rec[f"latency_ms_b{b}"] = statistics.median(times)
+            rec[f"p90_ms_b{b}"] = p90(times)
+            rec[f"sparse_layers_b{b}"] = sparse_layer_count(rt.network, b)
+        net = rt.network
+        rec["params"], rec["nonzero_params"] = count_params(net)
+        rec["macs"], rec["dense_macs"] = count_macs(net, input_shape)
+        rec["bytes"] = artifact_bytes(net, network_meta(rt.header.get("arch"), rt.regime, rt.header.get("method"),
+                                                        rt.alpha, rt.levels))
+        rec["dense_bytes"] = rt.dense_bytes
+        if data is not None:
+            from ..eval.evaluate import evaluate_accuracy
+
+            rec["accuracy"], rec["loss"] = evaluate_accuracy(net, data, torch.device("cpu"))
+        records.append(rec)
+        if progress is not None:
+            progress(rec)
+    return records

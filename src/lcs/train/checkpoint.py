@@ -1,0 +1,129 @@
+"""Atomic, pickle-free checkpoints.
+
+A checkpoint is a directory ``checkpoints/step_XXXXXXXX/`` holding ``weights.safetensors`` (the
+subspace's state dict), ``optimizer.safetensors`` (momentum buffers by parameter index) and
+``state.json`` (epoch, step, RNG state, config). It is written under a temporary name and renamed
+into place; ``checkpoints/latest.json`` is replaced last, so a run killed at any instant resumes
+from the last complete checkpoint. Both tensor files carry a digest of their data (``lcs.files``):
+a damaged checkpoint is detected on load, and ``load_latest_intact`` falls back to the newest
+intact one (``run.keep_checkpoints`` keep that many), saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LcsError, state_dict_error
+from ..files import DamagedFileError, atomic_dir, dumps_json, load_tensors, save_tensors, write_json
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "load_weights", "list_checkpoints",
+           "load_latest_intact"]
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                out[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+    return out
+
+
+def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: int = 2) -> Path:
+    """Write a checkpoint for ``state["step"]`` atomically and prune old ones beyond ``keep``."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{state['step']:08d}"
+    final = root / name
+    with atomic_dir(final) as tmp:
+        save_tensors(model.state_dict(), tmp / "weights.safetensors")
+        save_tensors(_optimizer_tensors(opt), tmp / "optimizer.safetensors")
+        full = {**state, "torch_rng": torch.get_rng_state().tolist()}
+        (tmp / "state.json").write_text(dumps_json(full))
+    write_json(root / "latest.json", {"checkpoint": name})
+    old = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for p in old[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest.json"
+    if not pointer.is_file():
+        raise LcsError(f"no checkpoint in {run_dir} (was it trained with `lcs train --out {run_dir}`?)")
+    try:
+        name = json.loads(pointer.read_text())["checkpoint"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise LcsError(f"{pointer} is corrupted") from None
+    path = root / name
+    if not path.is_dir():
+        raise LcsError(f"{pointer} points at a missing checkpoint {name}")
+    return path
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders of a run, newest first (the one ``latest.json`` names first)."""
+    latest = latest_checkpoint(run_dir)
+    others = sorted((p for p in latest.parent.glob("step_*") if p.is_dir() and p != latest), reverse=True)
+    return [latest, *others]
+
+
+def load_latest_intact(run_dir: str | os.PathLike, model: nn.Module,
+                       opt: torch.optim.Optimizer | None = None) -> tuple[Path, dict[str, Any]]:
+    """Load the newest checkpoint that is intact; a damaged one is reported on stderr and skipped.
+    Raises the newest damage error when none is intact."""
+    first: DamagedFileError | None = None
+    candidates = list_checkpoints(run_dir)
+    for i, ckpt in enumerate(candidates):
+        try:
+            state = load_checkpoint(ckpt, model, opt)
+        except DamagedFileError as e:
+            first = first or e
+            if i + 1 < len(candidates):
+                print(f"lcs: {e}; trying the previous checkpoint {candidates[i + 1].name}", file=sys.stderr)
+            continue
+        if first is not None:
+            print(f"lcs: using the intact checkpoint {ckpt.name} (step {state.get('step')})", file=sys.stderr)
+        return ckpt, state
+    assert first is not None
+    raise DamagedFileError(str(first) if len(candidates) == 1 else f"{first} (no earlier intact checkpoint is kept)")
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Load ``weights.safetensors`` into ``model`` (strict), with one-line errors."""
+    tensors, _ = load_tensors(path)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise LcsError(f"checkpoint {path} does not match the model: {state_dict_error(e)}") from None
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Restore weights (and optimizer state, RNG) from a checkpoint directory; returns its state."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DamagedFileError(f"checkpoint {ckpt}/state.json is corrupted ({e})") from None
+    load_weights(ckpt / "weights.safetensors", model)
+    if opt is not None:
+        tensors, _ = load_tensors(ckpt / "optimizer.safetensors")
+        sd = opt.state_dict()
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            idx, name = key.split(".", 1)
+            per_param.setdefault(int(idx), {})[name] = value
+        sd["state"] = per_param
+        opt.load_state_dict(sd)
+    if "torch_rng" in state:
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    return state

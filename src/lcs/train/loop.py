@@ -1,0 +1,242 @@
+"""The one training loop, for every regime and method.
+
+Each step: ask the method's sampler for this step's α's, set each on the whole model (with the
+schedule's compression level), forward, sum the losses and the method's extra terms, one
+backward, one SGD step. Nothing in the loop depends on which method runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import ImageData, num_batches, train_batches
+from ..data.loaders import LoaderData
+from ..errors import LcsError
+from ..eval.evaluate import evaluate_accuracy
+from ..files import dumps_json
+from ..regimes import record_of
+from ..subspace import Subspace
+from .checkpoint import load_latest_intact, save_checkpoint
+from .config import Config, save_config
+from .distributed import init_distributed
+from .methods import Method, build_method
+from .run import build_subspace, open_data, resolve_device
+
+__all__ = ["Trainer", "DivergedError", "lr_at"]
+
+_STEP_SEED = 1_000_003
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * peak * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class DivergedError(LcsError):
+    """The loss became NaN or infinite: training stops at that step, before the update."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"training diverged at step {step}: the loss is {loss}; the last checkpoint is kept "
+                         f"unchanged (lower optim.lr, or check the data)")
+        self.step = step
+
+
+class Trainer:
+    """Train a compressible subspace described by ``cfg`` into ``out_dir``.
+
+    Args:
+        cfg: a validated Config.
+        out_dir: the run directory (config.yaml, metrics.jsonl, checkpoints/).
+        data: pre-loaded data, or the user's own DataLoaders as ``lcs.LoaderData(train, val,
+            num_classes)`` (any Dataset and transforms; resume and DDP guarantees in ``lcs.data.loaders``);
+            by default loaded from the config.
+        resume: continue from the latest checkpoint in ``out_dir``.
+    """
+
+    def __init__(self, cfg: Config, out_dir: str | Path, *, data: ImageData | LoaderData | None = None,
+                 resume: bool = False):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.device = resolve_device(cfg.run.device)
+        self.dist = init_distributed(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        # bf16 autocast only when asked (CPU too, where it is rarely faster); channels-last where the
+        # cuDNN kernels want it, i.e. on CUDA unless switched off.
+        self.amp = cfg.run.amp == "bf16"
+        if self.amp and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise LcsError("run.amp=bf16 but this GPU has no bfloat16 support; use run.amp=none")
+        self.channels_last = (self.device.type == "cuda" if cfg.run.channels_last is None
+                              else cfg.run.channels_last)
+        self.data = data if data is not None else open_data(cfg)
+        cfg.model.num_classes = cfg.model.num_classes or self.data.num_classes
+        if cfg.model.num_classes != self.data.num_classes:
+            raise LcsError(f"model.num_classes={cfg.model.num_classes} but the data has "
+                           f"{self.data.num_classes} classes")
+        torch.manual_seed(cfg.run.seed)
+        self.sub: Subspace = build_subspace(cfg, init=not resume)  # resuming: the checkpoint has every tensor
+        self.model = self.sub.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.net: torch.nn.Module = self.model  # what the forward pass runs: the model or its DDP wrapper
+        if self.dist.enabled:
+            if cfg.data.batch_size % self.dist.world_size:
+                raise LcsError(f"data.batch_size={cfg.data.batch_size} must be divisible by the "
+                               f"{self.dist.world_size} processes")
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                               if self.device.type == "cuda" else None)
+        if hasattr(self.data, "steps_per_epoch"):  # the user's DataLoaders set their own batches
+            self.steps_per_epoch = self.data.steps_per_epoch()
+        else:
+            self.steps_per_epoch = num_batches(len(self.data.train), cfg.data.batch_size)
+        if self.steps_per_epoch == 0:
+            raise LcsError(f"batch_size={cfg.data.batch_size} is larger than the training set "
+                           f"({len(self.data.train)} images)")
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.method: Method = build_method(cfg.method, cfg.method.regime, cfg.method.name, self.sub.config,
+                                           self.total_steps)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                   nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
+                                   weight_decay=cfg.optim.weight_decay)
+        self.step = 0
+        self.record = record_of(cfg.method.regime)
+        self._phase: bool | None = None  # the regime's phase hook as last switched (None: not yet)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _, state = load_latest_intact(self.out, self.model, self.opt)
+            self.step = int(state["step"])
+            if self.dist.is_main:
+                epoch = self.step // self.steps_per_epoch
+                print(f"resuming from step {self.step} (epoch {epoch} of {cfg.optim.epochs})" if
+                      self.step < self.total_steps else
+                      f"the run in {self.out} is finished ({cfg.optim.epochs} epochs, step {self.step}): nothing to "
+                      f"train; raise --epochs to train further", flush=True)
+            if self.dist.is_main:
+                self._truncate_log(self.step)
+        if self.dist.is_main:
+            save_config(cfg, self.out / "config.yaml")
+
+    # -- one step --------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, Any]:
+        """Forward/backward/update at the α's the method samples for ``step``; returns the terms."""
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * _STEP_SEED + step)
+        alphas = self.method.sampler(step, gen)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(step, self.total_steps, self.warmup_steps, self.cfg.optim.lr)
+        if self.method.phase_start is not None:  # the regime's phase (activation quantization), after the warm-up
+            on = step >= self.method.phase_start
+            if on != self._phase:
+                self.record.phase(self.model, on)
+                self._phase = on
+        self.opt.zero_grad(set_to_none=True)
+        ce_sum = torch.zeros((), device=self.device)
+        correct = 0
+        levels = []
+        # Extra terms depend on the weights, not on α: they join the first α's backward, so every
+        # step has exactly one backward per forward (what DistributedDataParallel expects).
+        terms = {name: w * fn(self.sub) for name, (w, fn) in self.method.terms.items()}
+        extra = sum(terms.values()) if terms else None
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for i, a in enumerate(alphas):
+            if isinstance(a, dict):  # a point of several levels, drawn as levels (any density with any bits)
+                levels.append(self.sub.set_levels(**self.method.schedule(a, step))[self.sub.config.level_name])
+            else:
+                levels.append(self.sub.set_alpha(a, self.method.schedule(self.sub.config.levels(a), step)))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                out = self.net(x)
+                ce = F.cross_entropy(out, y, label_smoothing=self.cfg.optim.label_smoothing)
+            (ce + extra if i == 0 and extra is not None else ce).backward()  # each α's graph freed at once
+            ce_sum += ce.detach()
+            correct += int((out.argmax(1) == y).sum())
+        loss = ce_sum + sum(t.detach() for t in terms.values())
+        if not bool(torch.isfinite(loss)):  # stop before the update: the weights and checkpoints stay good
+            raise DivergedError(step, float(loss))
+        self.opt.step()
+        return {"loss": float(loss.detach()), "ce": float(ce_sum.detach()) / len(alphas),
+                "acc": correct / (y.numel() * len(alphas)), "alphas": alphas, "levels": levels,
+                **{k: float(v.detach()) for k, v in terms.items()}}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self, stop_after_epoch: int | None = None) -> list[dict[str, Any]]:
+        """Train to ``optim.epochs`` (or stop after ``stop_after_epoch`` epochs, for time-boxed jobs);
+        returns the per-epoch records also appended to ``metrics.jsonl``."""
+        cfg = self.cfg
+        records = []
+        start_epoch, start_batch = divmod(self.step, self.steps_per_epoch)
+        last_epoch = cfg.optim.epochs if stop_after_epoch is None else min(cfg.optim.epochs, stop_after_epoch)
+        bar = None
+        if cfg.run.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, leave=True)
+        self.model.train()
+        for epoch in range(start_epoch, last_epoch):
+            t0, seen, loss_sum, acc_sum, n = time.perf_counter(), 0, 0.0, 0.0, 0
+            batches = train_batches(self.data, cfg.data.batch_size, epoch=epoch, seed=cfg.run.seed,
+                                    start_batch=start_batch if epoch == start_epoch else 0,
+                                    rank=self.dist.rank, world_size=self.dist.world_size,
+                                    augment=cfg.data.augment, device=self.device)
+            for x, y in batches:
+                r = self.train_step(x, y, self.step)
+                self.step += 1
+                seen += y.numel() * len(r["alphas"]) * self.dist.world_size
+                loss_sum, acc_sum, n = loss_sum + r["loss"], acc_sum + r["acc"], n + 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{r['loss']:.3f}", acc=f"{r['acc']:.3f}",
+                                    alpha=",".join(f"{a:.2f}" if not isinstance(a, dict) else
+                                                   "/".join(f"{v:g}" for v in a.values()) for a in r["alphas"]))
+            elapsed = time.perf_counter() - t0
+            if not self.dist.is_main:
+                continue  # rank 0 evaluates, logs and checkpoints; the others go on to the next epoch
+            record = {"epoch": epoch + 1, "step": self.step, "lr": self.opt.param_groups[0]["lr"],
+                      "train_loss": loss_sum / max(n, 1), "train_acc": acc_sum / max(n, 1),
+                      "img_per_s": seen / max(elapsed, 1e-9), "epoch_seconds": elapsed}
+            lo, hi = self.sub.alpha_range
+            for tag, a in (("hi", hi), ("lo", lo)):
+                with self.sub.at(a):
+                    record[f"val_acc_{tag}"], record[f"val_loss_{tag}"] = evaluate_accuracy(
+                        self.model, self.data, self.device)
+            records.append(record)
+            say = bar.write if bar is not None else (lambda msg: print(msg, flush=True))
+            say(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {record['train_loss']:.3f}  "
+                f"val acc α={hi:g}: {record['val_acc_hi']:.3f}  α={lo:g}: {record['val_acc_lo']:.3f}  "
+                f"({record['img_per_s']:.0f} img/s, {elapsed:.0f} s)")
+            if (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch + 1 == last_epoch:
+                self._checkpoint(epoch + 1)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(dumps_json(record) + "\n")
+        if bar is not None:
+            bar.close()
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()  # nobody leaves (or tears the group down) while rank 0 still writes
+        return records
+
+    def _checkpoint(self, epoch: int) -> None:
+        save_checkpoint(self.out, self.model, self.opt, {"epoch": epoch, "step": self.step},
+                        keep=self.cfg.run.keep_checkpoints)
+
+    def _truncate_log(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            path.write_text("".join(ln + "\n" for ln in kept))
