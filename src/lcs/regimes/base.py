@@ -150,6 +150,7 @@ class MethodSpec:
         during the warm-up).
     terms: extra loss terms, ``cos2`` (lines) and ``l1`` (norm scales).
     phase: the regime's phase hook (``Regime.phase``) switches on after the warm-up.
+    warmup: the default warm-up, a fraction of all steps (``method.warmup`` overrides it).
     """
 
     geometry: str
@@ -158,6 +159,7 @@ class MethodSpec:
     terms: tuple[str, ...] = ()
     phase: bool = False
     help: str = ""
+    warmup: float = 0.8  # SPEC §2: TopK warm-up and activation-quantization delay over 80 % of the steps
 
 
 @dataclass

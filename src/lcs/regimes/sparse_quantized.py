@@ -123,7 +123,9 @@ REGIME = Regime(
     methods={
         "lcs_l": MethodSpec("line", "endpoints", "decay", ("cos2",), phase=True,
                             help="LCS+L: density and bits rise together with α"),
-        "lcs_p": MethodSpec("point", "levels", "hold", phase=True,
+        # half the run dense first, not 80 %: on digits (30 epochs) density 0.1 × 4 bits scored 0.97 after a
+        # 50 % warm-up and 0.89 after 80 % (0.78 with densities drawn uniformly instead of log-uniformly)
+        "lcs_p": MethodSpec("point", "levels", "hold", phase=True, warmup=0.5,
                             help="LCS+P: any (density, bits); both drawn per step after the warm-up"),
     },
     sample_levels=_sample_levels, prepare=prepare_folding, default_filter=default_filter,

@@ -77,7 +77,8 @@ class MethodConfig:
     sandwich_random: int = 2  # structured sandwich rule: random widths per step besides both ends
     ns_widths: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # NS baseline: the fixed width list
     l1: float = 1e-5  # LEC baseline: L1 weight on norm scales
-    warmup: float = 0.8  # compression warm-up, fraction of all steps (SPEC: 80 %)
+    # compression warm-up, fraction of all steps; None = the method's (SPEC: 80 %; sparsity × bits LCS+P: 50 %)
+    warmup: float | None = None
     beta: float = 1.0  # weight of the cos² regularizer (lines only)
     endpoint_prob: float = 0.5  # LCS+L: probability of sampling an endpoint
     line_init: str = "independent"  # independent | copy (second endpoint from the first)
@@ -151,6 +152,8 @@ class Config:
         if m.name not in record.methods:
             raise LcsError(f"method.name must be one of {', '.join(record.methods)} for regime "
                            f"{m.regime!r}, got {m.name!r}")
+        if m.warmup is None:
+            m.warmup = record.methods[m.name].warmup
         _check(0 <= m.warmup <= 1, "method.warmup", m.warmup, "in [0, 1]")
         _check(m.beta >= 0, "method.beta", m.beta, ">= 0")
         _check(0 <= m.endpoint_prob <= 1, "method.endpoint_prob", m.endpoint_prob, "in [0, 1]")
