@@ -108,7 +108,8 @@ def test_runtime_folds_like_materialize(tmp_path):
         assert not any(isinstance(rt.network.get_submodule(bn), nn.BatchNorm2d)
                        for bn in sub.model.lcs_bn_folds.values())
     # the template and the subspace keep their BNs: folding replaced modules only in the served copy
-    assert all(isinstance(rt._baker.template.get_submodule(bn), nn.BatchNorm2d) for bn in sub.model.lcs_bn_folds.values())
+    template = rt._baker.template
+    assert all(isinstance(template.get_submodule(bn), nn.BatchNorm2d) for bn in sub.model.lcs_bn_folds.values())
 
 
 def test_training_step_updates_bn_and_tracks_unfolded_statistics():
