@@ -119,3 +119,23 @@ def test_timeline_summarizes_traces():
         "fixed": [{"t": 0.3, "alpha": 1.0, "latency_ms": 4.0, "loaded": False}]}}
     lines = timeline(result).splitlines()
     assert len(lines) == 3 and "yes" in lines[2] and "0.100" in lines[2] and "5.00" in lines[2]
+
+
+def test_jittery_load_is_predicted_by_its_tail_not_its_mean():
+    """Under a jittery load (ratios 1.0-1.3, mean 1.15) α = 0.5 fits on average (6.9 ms < 7.5 ms) but
+    is over budget for a sixth of its requests; the 90th-percentile prediction keeps it out (no
+    up-margin here, so that the prediction alone decides)."""
+    import random
+
+    rng = random.Random(0)
+    loads = [1.0 + 0.3 * rng.random() for _ in range(300)]
+
+    def over_budget(quantile):
+        rt = FakeRuntime()
+        ctl = _controller(rt, budget_ms=7.5, quantile=quantile, margin=0.0)
+        alphas = _drive(ctl, rt, loads)
+        lat = [ctl.profiled_ms(a) * load for a, load in zip(alphas, loads, strict=True)]
+        return sum(m > 7.5 for m in lat[20:]) / len(lat[20:])
+
+    assert over_budget(0.5) > 0.10
+    assert over_budget(0.9) < 0.05

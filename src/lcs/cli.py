@@ -133,7 +133,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sub.model.to(device)
     meta = {"arch": arch_meta(cfg), "regime": cfg.method.regime, "method": cfg.method.name}
     latency = tuple(int(b) for b in _floats(args.latency_batch)) if args.latency_batch else ()
-    if cfg.method.name == "lec":
+    if record.methods[cfg.method.name].sweep == "keep":  # LEC: one network pruned to fractions of its channels
         from .eval.prune import sweep_keep
 
         keeps = _floats(args.keep) if args.keep else [sub.config.level(a) for a in default_grid(sub.config)]

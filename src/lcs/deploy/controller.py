@@ -1,9 +1,11 @@
 """Pick α from a latency budget while the device's load changes.
 
 The controller starts from a measured profile (latency per α on this device) and corrects it
-online: the ratio of measured to profiled latency is tracked as an exponential moving average
-(the *load factor*), so a competing process that makes everything 2× slower shifts every
-prediction 2×. It then serves the largest α whose predicted latency fits the budget. Hysteresis:
+online: the ratio of measured to profiled latency is tracked (the *load factor*), so a competing
+process that makes everything 2× slower shifts every prediction 2×. Predictions use a high quantile
+of the recent ratios, not their mean: under load, latency jitters, and an α predicted to fit on
+average is over budget for about half of its requests. It then serves the largest α whose
+predicted latency fits the budget. Hysteresis:
 moving up needs the prediction to fit with a safety margin, and any switch is followed by a few
 requests of dwell, so the choice does not oscillate at the boundary.
 """
@@ -11,8 +13,10 @@ requests of dwell, so the choice does not oscillate at the boundary.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,12 +51,14 @@ class BudgetController:
         margin: moving up requires predicted ≤ (1 − margin)·budget.
         dwell: requests to stay at an α after switching.
         jump: a measured slowdown this far (×) from the load factor replaces it instead of being smoothed.
+        window, quantile: predictions scale the profile by this quantile of the last ``window`` ratios of
+            measured to profiled latency (1.0: the worst; 0.5: the median).
         clock: seconds, monotonic (tests pass a simulated one).
     """
 
     def __init__(self, rt: Runtime, profile: Sequence[dict[str, Any]] | dict[str, Any] | str | os.PathLike,
                  budget_ms: float, *, batch: int = 1, smoothing: float = 0.3, margin: float = 0.15, dwell: int = 3,
-                 jump: float = 1.5, clock=time.perf_counter):
+                 jump: float = 1.5, window: int = 16, quantile: float = 0.9, clock=time.perf_counter):
         if isinstance(profile, (str, os.PathLike)):
             with open(profile) as f:
                 profile = json.load(f)
@@ -68,7 +74,11 @@ class BudgetController:
             raise LcsError(f"the profile has no {key} entries inside the runtime's range [{lo:g}, {hi:g}]")
         self.rt, self.budget_ms, self.points = rt, float(budget_ms), points
         self.smoothing, self.margin, self.dwell, self.jump, self.clock = smoothing, margin, dwell, jump, clock
+        if not (0.0 < quantile <= 1.0) or window < 1:
+            raise LcsError(f"need 0 < quantile <= 1 and window >= 1, got quantile={quantile}, window={window}")
+        self.quantile = quantile
         self.load_factor = 1.0
+        self._ratios: deque[float] = deque(maxlen=window)
         self._since_switch = dwell
         self.feasible = True
 
@@ -82,8 +92,16 @@ class BudgetController:
                 return l0 + (l1 - l0) * (alpha - a0) / (a1 - a0)
         return pts[-1][1]
 
+    @property
+    def tail_factor(self) -> float:
+        """The ``quantile`` of the recent ratios (the load factor until there are any)."""
+        if not self._ratios:
+            return self.load_factor
+        ordered = sorted(self._ratios)
+        return ordered[min(len(ordered) - 1, math.ceil(self.quantile * len(ordered)) - 1)]
+
     def predicted_ms(self, alpha: float) -> float:
-        return self.profiled_ms(alpha) * self.load_factor
+        return self.profiled_ms(alpha) * self.tail_factor
 
     def choose(self) -> float:
         """The α for the next request."""
@@ -107,8 +125,10 @@ class BudgetController:
         ratio = latency_ms / max(self.profiled_ms(alpha), 1e-6)
         if ratio > self.jump * self.load_factor or ratio * self.jump < self.load_factor:
             self.load_factor = ratio
+            self._ratios.clear()  # the old load's ratios say nothing about the new one
         else:
             self.load_factor += self.smoothing * (ratio - self.load_factor)
+        self._ratios.append(ratio)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, Decision]:

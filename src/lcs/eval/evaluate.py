@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import eval_batches
+from ..data.base import Data
 from ..deploy.artifact import artifact_bytes, dense_float32_bytes, network_meta
 from ..deploy.bake import materialize
 from ..deploy.profile import measure_latency, p90
@@ -30,7 +31,7 @@ def default_grid(config: RegimeConfig) -> list[Point]:
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: torch.nn.Module, data, device: torch.device,
+def evaluate_accuracy(model: torch.nn.Module, data: Data, device: torch.device,
                       batch_size: int = 256) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) on the validation split."""
     was_training = model.training
@@ -47,7 +48,7 @@ def evaluate_accuracy(model: torch.nn.Module, data, device: torch.device,
 
 
 @torch.no_grad()
-def norm_stat_gaps(model: torch.nn.Module, data, device: torch.device, batches: int = 4,
+def norm_stat_gaps(model: torch.nn.Module, data: Data, device: torch.device, batches: int = 4,
                    batch_size: int = 256) -> dict[str, dict[str, float]]:
     """How far each BatchNorm's running statistics are from the true statistics of the data at
     the model's current width: per layer, the mean over channels of |running − batch| for the
@@ -90,7 +91,7 @@ def norm_stat_gaps(model: torch.nn.Module, data, device: torch.device, batches: 
     return gaps
 
 
-def measure_network(plain: torch.nn.Module, data, device: torch.device, meta: dict[str, Any],
+def measure_network(plain: torch.nn.Module, data: Data, device: torch.device, meta: dict[str, Any],
                     latency_batches: tuple[int, ...] = (), compressed: list[str] | None = None) -> dict[str, Any]:
     """Accuracy, loss, size and cost of one plain network (see ``evaluate_point``)."""
     acc, loss = evaluate_accuracy(plain, data, device)
@@ -128,7 +129,7 @@ def measure_network(plain: torch.nn.Module, data, device: torch.device, meta: di
     return record
 
 
-def evaluate_point(sub: Subspace, point: Point, data, device: torch.device, meta: dict[str, Any],
+def evaluate_point(sub: Subspace, point: Point, data: Data, device: torch.device, meta: dict[str, Any],
                    latency_batches: tuple[int, ...] = ()) -> dict[str, Any]:
     """One record: the network at the point (an α, or a dict of levels) is materialized (a plain
     model) and measured.
@@ -159,7 +160,7 @@ def check_grid(sub: Subspace, grid: list[Point]) -> list[Point]:
     return grid
 
 
-def sweep(sub: Subspace, grid: list[Point], data, device: torch.device, meta: dict[str, Any],
+def sweep(sub: Subspace, grid: list[Point], data: Data, device: torch.device, meta: dict[str, Any],
           latency_batches: tuple[int, ...] = (), *, progress: bool = False) -> list[dict[str, Any]]:
     """Records for every point of ``grid`` (see ``evaluate_point``); the subspace's point is
     restored. ``progress``: a tqdm bar over the grid (on stderr)."""

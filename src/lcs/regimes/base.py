@@ -151,6 +151,8 @@ class MethodSpec:
     terms: extra loss terms, ``cos2`` (lines) and ``l1`` (norm scales).
     phase: the regime's phase hook (``Regime.phase``) switches on after the warm-up.
     warmup: the default warm-up, a fraction of all steps (``method.warmup`` overrides it).
+    sweep: how ``lcs eval`` sweeps the trained network: ``points`` (the grid of α or levels) or ``keep``
+        (LEC: one network, pruned to fractions of its channels).
     """
 
     geometry: str
@@ -160,6 +162,7 @@ class MethodSpec:
     phase: bool = False
     help: str = ""
     warmup: float = 0.8  # SPEC §2: TopK warm-up and activation-quantization delay over 80 % of the steps
+    sweep: str = "points"
 
 
 @dataclass

@@ -141,7 +141,8 @@ REGIME = Regime(
         "lcs_p": MethodSpec("point", "sandwich", help="LCS+P: one weight set, sandwich rule"),
         "us": MethodSpec("point", "sandwich", help="universally slimmable networks (BatchNorm)"),
         "ns": MethodSpec("point", "widths", help="slimmable networks: the fixed list method.ns_widths"),
-        "lec": MethodSpec("point", "top", terms=("l1",), help="network slimming: L1 on norm scales, then prune"),
+        "lec": MethodSpec("point", "top", terms=("l1",), sweep="keep",
+                          help="network slimming: L1 on norm scales, then prune"),
     },
     # One-group GroupNorm ("ln") keeps no running statistics (SPEC §2), the slimming baselines use
     # BatchNorm. Not the paper's InstanceNorm: on digits (5 epochs, dense) InstanceNorm reaches 0.41 where
