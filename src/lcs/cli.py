@@ -30,15 +30,15 @@ def _levels(text: str) -> dict[str, float]:
     for part in (p for p in text.split(",") if p.strip()):
         name, sep, value = part.partition("=")
         try:
+            if not sep:
+                raise ValueError(part)
             out[name.strip()] = float(value)
         except ValueError:
-            sep = ""
-        if not sep:
-            raise LcsError(f"--levels expects name=value pairs like density=0.1,bits=4, got {text!r}") from None
+            raise LcsError(f"expected name=value pairs like density=0.1,bits=4, got {text!r}") from None
     return out
 
 
-def _points(text: str, where) -> list:
+def _points(text: str) -> list:
     """A --grid: α values (``0.1,0.5,1``), or on a point subspace of several levels, level cells
     separated by ``;`` (``density=0.1,bits=4;density=0.5,bits=8``)."""
     if "=" in text:
@@ -46,7 +46,7 @@ def _points(text: str, where) -> list:
     return _floats(text)
 
 
-def _point_of(args: argparse.Namespace, sub):
+def _point_of(args: argparse.Namespace):
     if args.levels:
         if args.alpha is not None:
             raise LcsError("give --alpha or --levels, not both")
@@ -126,7 +126,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if data.num_classes != cfg.model.num_classes:
         raise LcsError(f"the evaluation data has {data.num_classes} classes, the run {cfg.model.num_classes}")
     record = record_of(sub.config)
-    grid = _points(args.grid, sub) if args.grid else default_grid(sub.config)
+    grid = _points(args.grid) if args.grid else default_grid(sub.config)
     if record.methods[cfg.method.name].sampler == "target" and not args.grid:  # one network: the target's α
         grid = [sub.config.alpha_of(cfg.method.target)]
     device = resolve_device(cfg.run.device)
@@ -258,7 +258,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .deploy.artifact import dense_float32_bytes, network_meta
     from .deploy.bake import materialize
 
-    point = _point_of(args, sub)
+    point = _point_of(args)
     levels = sub.move(point)
     plain = materialize(sub, point)
     dense = dense_float32_bytes(models.create(meta["arch"]["name"], **meta["arch"]["kwargs"]))
@@ -302,7 +302,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     batches = [int(b) for b in _floats(args.batch)]
     if not batches or min(batches) < 1:
         raise LcsError(f"--batch expects positive integers, got {args.batch!r}")
-    grid = _points(args.grid, rt) if args.grid else default_grid(rt.config)
+    grid = _points(args.grid) if args.grid else default_grid(rt.config)
     shape = tuple(rt.header.get("input_shape", (3, 32, 32)))
     data = None
     if args.data:

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ..eval.stats import count_macs, count_params
 from ..layers.kernels import sparse_layer_count
+from ..stats import count_macs, count_params
 from .artifact import artifact_bytes, network_meta
 from .runtime import Runtime
 

@@ -1,2 +1,2 @@
-"""Evaluation: sweeps over α or level grids (``evaluate``), tables and plots (``report``), parameter
-and MAC counts (``stats``) and the LEC baseline's pruning sweep (``prune``)."""
+"""Evaluation: sweeps over α or level grids (``evaluate``), tables, plots and heat maps (``report``)
+and the LEC baseline's pruning sweep (``prune``)."""

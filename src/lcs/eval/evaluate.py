@@ -18,8 +18,8 @@ from ..deploy.profile import measure_latency, p90
 from ..errors import LcsError
 from ..layers.kernels import accelerate, sparse_layer_count
 from ..regimes import Point, RegimeConfig, check_alpha, record_of
+from ..stats import count_macs, count_params, sparsity
 from ..subspace import Subspace
-from .stats import count_macs, count_params, sparsity
 
 __all__ = ["default_grid", "sweep", "evaluate_point", "evaluate_accuracy", "norm_stat_gaps",
            "measure_network", "check_grid"]
