@@ -186,3 +186,14 @@ def test_off_grid_weight_stays_float(tmp_path):
     model = onnx.load(tmp_path / "q.onnx")
     assert f"{fqn}.weight" in {i.name for i in model.graph.initializer}
     assert weights_as_codes(model, plain) == 0  # everything else was already converted
+
+
+def test_sparse_quantized_network_exports(tmp_path):
+    """Sparsity × bits at (0.1, 4): zeros and 4-bit codes survive export; onnxruntime computes it."""
+    torch.manual_seed(0)
+    sub = lcs.convert(lcs.models.create("cpreresnet20", norm="gn"), lcs.SparseQuantizedConfig(geometry="point"))
+    plain = lcs.materialize(sub, {"density": 0.1, "bits": 4})
+    export_onnx(plain, tmp_path / "sq.onnx", (3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(run_onnx(tmp_path / "sq.onnx", x), plain(x), atol=1e-4, rtol=0)
