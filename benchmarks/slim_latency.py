@@ -22,8 +22,8 @@ import lcs
 from lcs.alloc import keep_freed_memory
 from lcs.deploy.bake import materialize
 from lcs.deploy.profile import measure_latency
-from lcs.stats import count_macs
 from lcs.regimes import StructuredConfig
+from lcs.stats import count_macs
 
 WIDTHS = [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
 

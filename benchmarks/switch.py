@@ -22,28 +22,32 @@ import torch
 import lcs
 from lcs.alloc import keep_freed_memory
 from lcs.deploy.runtime import Runtime, save_subspace
-from lcs.regimes import REGIMES
+from lcs.eval.evaluate import default_grid
+from lcs.regimes import REGISTRY
 
-ALPHAS = {"unstructured": [0.025, 0.1, 0.5, 1.0], "structured": [0.0, 0.25, 0.5, 1.0],
-          "quantized": [1 / 6, 0.5, 5 / 6, 1.0]}
-NORMS = {"unstructured": "gn", "structured": "ln", "quantized": "gn"}
+
+def _points(config) -> list:
+    """Four points of the regime's default grid, spread over it (α, or level dicts)."""
+    grid = default_grid(config)
+    return [grid[round(i * (len(grid) - 1) / 3)] for i in range(4)]
 
 
 def bench(regime: str, geometry: str, repeats: int, batch: int, tmp: str) -> dict:
     torch.manual_seed(0)
-    kwargs = {"num_classes": 10, "norm": NORMS[regime]}
-    sub = lcs.convert(lcs.models.create("cpreresnet20", **kwargs), REGIMES[regime](geometry=geometry))
+    record = REGISTRY[regime]
+    kwargs = {"num_classes": 10, "norm": record.default_norm("lcs_l")}
+    sub = lcs.convert(lcs.models.create("cpreresnet20", **kwargs), record.config(geometry=geometry))
     path = Path(tmp) / f"{regime}-{geometry}.safetensors"
     save_subspace(sub, path, {"name": "cpreresnet20", "kwargs": kwargs}, {"input_shape": [3, 32, 32]})
     rt = Runtime.load(path)
     x = torch.randn(batch, 3, 32, 32)
-    alphas = ALPHAS[regime]
+    alphas = _points(sub.config)
     switch, first, steady = [], [], []
     for i in range(repeats):
         a = alphas[i % len(alphas)]
         rt(x)  # the previous network is warm
         t0 = time.perf_counter()
-        rt.set_alpha(a)
+        rt.move(a)
         switch.append((time.perf_counter() - t0) * 1e3)
         t0 = time.perf_counter()
         rt(x)
@@ -65,10 +69,10 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/results/switch.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [bench(r, g, args.repeats, args.batch, tmp) for r in REGIMES for g in ("line", "point")]
-    print(f"{'regime':<14}{'geometry':<10}{'switch ms':>10}{'max':>8}{'1st batch':>11}{'steady':>9}{'ratio':>7}")
+        rows = [bench(r, g, args.repeats, args.batch, tmp) for r in REGISTRY for g in ("line", "point")]
+    print(f"{'regime':<18}{'geometry':<10}{'switch ms':>10}{'max':>8}{'1st batch':>11}{'steady':>9}{'ratio':>7}")
     for r in rows:
-        print(f"{r['regime']:<14}{r['geometry']:<10}{r['switch_ms_median']:>10.2f}{r['switch_ms_max']:>8.2f}"
+        print(f"{r['regime']:<18}{r['geometry']:<10}{r['switch_ms_median']:>10.2f}{r['switch_ms_max']:>8.2f}"
               f"{r['first_batch_ms']:>11.2f}{r['steady_ms']:>9.2f}{r['first_over_steady']:>7.2f}")
     result = {"benchmark": "switch", "model": "cpreresnet20", "batch": args.batch, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": platform.machine(), "rows": rows}
