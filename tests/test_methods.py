@@ -64,3 +64,19 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
     assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
     assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_log_uniform_interior_visits_log_bins_equally():
+    """method.alpha_dist=log: interior α are log-uniform on [lo, hi], so each log-spaced BN
+    statistics row gets the same share of draws (uniform draws give the lowest bins a few %)."""
+    import math
+
+    sampler = BiasedEndpointSampler(0.025, 1.0, p_endpoint=0.0, log=True)
+    draws = _draws(sampler, 4000)
+    assert all(0.025 <= a <= 1.0 for a in draws)
+    bins = [min(7, int(8 * math.log(a / 0.025) / math.log(40))) for a in draws]
+    counts = [bins.count(b) for b in range(8)]
+    assert max(counts) < 1.2 * min(counts)
+    uniform = [min(7, int(8 * math.log(a / 0.025) / math.log(40)))
+               for a in _draws(BiasedEndpointSampler(0.025, 1.0, p_endpoint=0.0), 4000)]
+    assert uniform.count(0) < 0.02 * len(uniform)

@@ -81,6 +81,8 @@ class MethodConfig:
     warmup: float | None = None
     beta: float = 1.0  # weight of the cos² regularizer (lines only)
     endpoint_prob: float = 0.5  # LCS+L: probability of sampling an endpoint
+    # LCS+L / LCS+P: interior α drawn uniform (SPEC) or log-uniform (equal visits to log-spaced BN statistics rows)
+    alpha_dist: str = "uniform"
     line_init: str = "independent"  # independent | copy (second endpoint from the first)
     # unstructured with BatchNorm: running statistics per log-spaced density bin (0: one shared set;
     # the target baseline, one network at one density, always keeps one)
@@ -157,6 +159,7 @@ class Config:
         _check(0 <= m.warmup <= 1, "method.warmup", m.warmup, "in [0, 1]")
         _check(m.beta >= 0, "method.beta", m.beta, ">= 0")
         _check(0 <= m.endpoint_prob <= 1, "method.endpoint_prob", m.endpoint_prob, "in [0, 1]")
+        _check(m.alpha_dist in ("uniform", "log"), "method.alpha_dist", m.alpha_dist, "uniform or log")
         if self.model.norm not in NORMS:
             raise LcsError(f"model.norm must be gn, in, ln or bn, got {self.model.norm!r}")
         if record.norms is not None and self.model.norm not in record.norms:

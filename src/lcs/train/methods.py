@@ -28,34 +28,41 @@ __all__ = ["BiasedEndpointSampler", "UniformSampler", "FixedSampler", "SandwichS
            "cos2_term", "norm_l1_term"]
 
 
-def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
-    return lo + (hi - lo) * float(torch.rand((), generator=gen))
+def _uniform(gen: torch.Generator, lo: float, hi: float, log: bool = False) -> float:
+    """α ~ U[lo, hi], or log-uniform on [lo, hi] (lo > 0): equal draws per log-spaced bin."""
+    u = float(torch.rand((), generator=gen))
+    if log and lo > 0:
+        return min(hi, lo * (hi / lo) ** u)
+    return lo + (hi - lo) * u
 
 
 @dataclass(frozen=True)
 class BiasedEndpointSampler:
-    """With probability ``p_endpoint`` an endpoint (each half the time), else α ~ U[lo, hi]."""
+    """With probability ``p_endpoint`` an endpoint (each half the time), else α ~ U[lo, hi] (or
+    log-uniform: ``log``)."""
 
     lo: float
     hi: float
     p_endpoint: float = 0.5
+    log: bool = False
 
     def __call__(self, step: int, gen: torch.Generator) -> list[float]:
         u = torch.rand(2, generator=gen)
         if float(u[0]) < self.p_endpoint:
             return [self.lo if float(u[1]) < 0.5 else self.hi]
-        return [_uniform(gen, self.lo, self.hi)]
+        return [_uniform(gen, self.lo, self.hi, self.log)]
 
 
 @dataclass(frozen=True)
 class UniformSampler:
-    """α ~ U[lo, hi]."""
+    """α ~ U[lo, hi] (or log-uniform: ``log``)."""
 
     lo: float
     hi: float
+    log: bool = False
 
     def __call__(self, step: int, gen: torch.Generator) -> list[float]:
-        return [_uniform(gen, self.lo, self.hi)]
+        return [_uniform(gen, self.lo, self.hi, self.log)]
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,7 @@ class MethodSettings:
     """The fields of ``config.MethodConfig`` a builder reads (kept structural to avoid a cycle)."""
 
     endpoint_prob: float
+    alpha_dist: str
     warmup: float
     beta: float
     l1: float
@@ -191,9 +199,9 @@ class MethodSettings:
 def _sampler(kind: str, m: MethodSettings, regime: RegimeConfig, record: Regime) -> Callable[..., list[Any]]:
     lo, hi = regime.alpha_range
     if kind == "endpoints":
-        return BiasedEndpointSampler(lo, hi, m.endpoint_prob)
+        return BiasedEndpointSampler(lo, hi, m.endpoint_prob, m.alpha_dist == "log")
     if kind == "uniform":
-        return UniformSampler(lo, hi)
+        return UniformSampler(lo, hi, m.alpha_dist == "log")
     if kind == "edges":
         if record.train_alphas is None:
             raise LcsError(f"the {record.name} regime has no training α for the 'edges' sampler")
