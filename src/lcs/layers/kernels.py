@@ -92,23 +92,33 @@ def _nearest(decisions: dict[int, bool], batch: int) -> bool:
 
 
 class _SparseMixin:
-    """What both sparse layers share: the CSR weight, the per-batch decisions, the chooser."""
+    """What both sparse layers share: the density, the CSR weight (built on first use: most layers
+    of a thin network measure faster dense, and a switch of α should not pay for their CSR copies),
+    the per-batch decisions, the chooser."""
 
-    lcs_csr: torch.Tensor
+    lcs_density: float
     lcs_decisions: dict[int, bool]
     lcs_chooser: KernelChooser | None
 
+    def csr(self) -> torch.Tensor:
+        """The weight as a CSR matrix (rows: output channels), built once."""
+        csr = self.__dict__.get("lcs_csr")
+        if csr is None:  # two threads may both build it: the same value, one assignment wins
+            csr = self.__dict__["lcs_csr"] = _to_csr(self.weight.detach())
+        return csr
+
     def __deepcopy__(self, memo: dict) -> nn.Module:
-        # torch cannot deep-copy CSR tensors: copy the layer as a plain one, then rebuild the CSR
-        # weight from the copied dense weight (the chooser is shared: it is a cache)
-        cls, csr, chooser = type(self), self.__dict__.pop("lcs_csr"), self.__dict__.pop("lcs_chooser")
+        # torch cannot deep-copy CSR tensors: copy the layer as a plain one; the copy builds its own
+        # CSR weight on first use (the chooser is shared: it is a cache)
+        cls, csr, chooser = type(self), self.__dict__.pop("lcs_csr", None), self.__dict__.pop("lcs_chooser")
         try:
             self.__class__ = _PLAIN[cls]
             new = copy.deepcopy(self, memo)
         finally:
-            self.__class__, self.lcs_csr, self.lcs_chooser = cls, csr, chooser
+            self.__class__, self.lcs_chooser = cls, chooser
+            if csr is not None:
+                self.__dict__["lcs_csr"] = csr
         new.__class__ = cls
-        new.lcs_csr = _to_csr(new.weight.detach())
         new.lcs_chooser = chooser
         return new
 
@@ -124,7 +134,7 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and not torch.is_grad_enabled() and self._use_sparse(x):
-            return csr_conv2d(x, self.lcs_csr, self, self.bias)
+            return csr_conv2d(x, self.csr(), self, self.bias)
         return super().forward(x)
 
 
@@ -133,7 +143,7 @@ class SparseLinear(_SparseMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and not torch.is_grad_enabled() and self._use_sparse(x):
-            return csr_linear(x, self.lcs_csr, self.bias)
+            return csr_linear(x, self.csr(), self.bias)
         return super().forward(x)
 
 
@@ -183,8 +193,7 @@ class KernelChooser:
 
     @staticmethod
     def key(layer: nn.Module, x: torch.Tensor) -> str:
-        density = int(layer.lcs_csr.values().numel()) / max(1, layer.weight.numel())
-        bucket = round(density * _BUCKET)
+        bucket = round(layer.lcs_density * _BUCKET)
         if isinstance(layer, nn.Conv2d):
             shape = (f"conv{tuple(layer.weight.shape)}s{layer.stride}p{layer.padding}d{layer.dilation}"
                      f"in{tuple(x.shape[2:])}")
@@ -211,9 +220,9 @@ class KernelChooser:
         with torch.no_grad():
             dense_ms = self._time(lambda t: plain.forward(layer, t), x)
             if isinstance(layer, nn.Conv2d):
-                sparse_ms = self._time(lambda t: csr_conv2d(t, layer.lcs_csr, layer, layer.bias), x)
+                sparse_ms = self._time(lambda t: csr_conv2d(t, layer.csr(), layer, layer.bias), x)
             else:
-                sparse_ms = self._time(lambda t: csr_linear(t, layer.lcs_csr, layer.bias), x)
+                sparse_ms = self._time(lambda t: csr_linear(t, layer.csr(), layer.bias), x)
         sparse = sparse_ms < self.margin * dense_ms
         with self._lock:
             self._table[key] = {"sparse": sparse, "dense_ms": dense_ms, "sparse_ms": sparse_ms}
@@ -268,9 +277,9 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
         if density > max_density:
             continue
         m.__class__ = SparseConv2d if isinstance(m, nn.Conv2d) else SparseLinear
-        m.lcs_csr = _to_csr(w)
-        m.lcs_decisions = {}
-        m.lcs_chooser = chooser
+        d = m.__dict__  # plain attributes, written directly (nn.Module.__setattr__ is slow, and a switch pays it)
+        d.pop("lcs_csr", None)  # of an earlier weight, if any: rebuilt on first sparse use
+        d["lcs_density"], d["lcs_decisions"], d["lcs_chooser"] = density, {}, chooser
         n += 1
     return n
 
@@ -281,7 +290,7 @@ def dense_kernels(net: nn.Module) -> nn.Module:
         plain = _PLAIN.get(type(m))
         if plain is not None:
             m.__class__ = plain
-            for attr in ("lcs_csr", "lcs_decisions", "lcs_chooser"):
+            for attr in ("lcs_csr", "lcs_density", "lcs_decisions", "lcs_chooser"):
                 m.__dict__.pop(attr, None)
     return net
 
