@@ -102,7 +102,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
         import copy
 
         model = dense_kernels(copy.deepcopy(model))  # ONNX gets the standard ops; the zeros stay in the weights
-    import onnx
 
     # Batch 2 for tracing: torch.export specializes a size-1 dimension to the constant 1.
     ref = next(iter(model.parameters()), None)
@@ -113,7 +112,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
 
     path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
     was_training = model.training
     model.eval()
     try:
@@ -125,22 +123,20 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
                                         output_names=["logits"], opset_version=opset,
                                         dynamic_shapes=dynamic_shapes, external_data=False, optimize=True,
                                         verbose=False)
-        program.save(tmp, external_data=False)
-        onnx_model = onnx.load(tmp)
+        onnx_model = program.model_proto
         bad = nonstandard_ops(onnx_model)
         if bad:
             raise LcsError(f"the exported graph uses non-standard ONNX ops: {', '.join(bad)}")
         weights_as_codes(onnx_model, model)
         strip_node_metadata(onnx_model)
-        onnx.save(onnx_model, tmp)
-        size = os.path.getsize(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise LcsError(f"could not write {path}: {e.strerror or e}; nothing was left behind") from None
+        data = onnx_model.SerializeToString()
     finally:
         model.train(was_training)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    from ..files import atomic_write
+
+    with atomic_write(path) as f:  # the one atomic-write helper: complete at ``path`` or not at all
+        f.write(data)
+    size = len(data)
     return size
 
 
