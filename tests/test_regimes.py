@@ -151,3 +151,17 @@ def test_a_method_brings_its_own_warmup_default():
     assert load_config(None, ["method.regime=unstructured", "method.name=lcs_p"]).method.warmup == 0.8
     assert load_config(None, ["method.regime=sparse_quantized", "method.name=lcs_p",
                               "method.warmup=0.2"]).method.warmup == 0.2
+
+
+def test_profile_takes_level_cells(tmp_path):
+    """`lcs profile` on a point subspace of two levels, with a grid of level cells."""
+    sub = _point_sub()
+    path = tmp_path / "sub.safetensors"
+    save_subspace(sub, path, ARCH, {"input_shape": [3, 16, 16]})
+    out = tmp_path / "prof" / "p.json"  # a folder that does not exist yet
+    assert main(["profile", str(path), "--batch", "1", "--grid", "density=0.1,bits=4;density=1,bits=8",
+                 "--json", str(out), "--no-progress"]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [(r["density"], r["bits"]) for r in records] == [(0.1, 4), (1.0, 8)]
+    assert records[0]["bytes"] < records[1]["bytes"] and "alpha" not in records[0]
+    assert (tmp_path / "prof" / "p_latency.png").stat().st_size > 0

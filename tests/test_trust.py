@@ -221,3 +221,11 @@ def test_init_seeds_the_subspace_from_a_trained_model(tmp_path, tiny_digits, cap
         msg = _one_line_error(capsys, ["train", "--out", str(tmp_path / f"x{needle[:3]}"), "--init", str(path),
                                        "--epochs", "1", "--no-progress"], needle)
         assert str(path) in msg or needle == "no such"
+
+
+def test_outputs_go_into_folders_that_do_not_exist_yet(tmp_path):
+    """`lcs profile --json prof/x.json` in a fresh clone: the folder is created, not an error."""
+    from lcs.files import write_json
+
+    write_json(tmp_path / "prof" / "deeper" / "x.json", {"a": 1})
+    assert json.loads((tmp_path / "prof" / "deeper" / "x.json").read_text()) == {"a": 1}

@@ -54,6 +54,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)  # `--json prof/x.json` in a fresh clone: the folder is created
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, mode) as f:
             yield f

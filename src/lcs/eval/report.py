@@ -125,24 +125,27 @@ def plot_bn_gaps(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str
 
 def plot_profile(records: Sequence[dict[str, Any]], batches: Sequence[int], path_latency: str | os.PathLike,
                  path_accuracy: str | os.PathLike | None = None, title: str = "") -> None:
-    """Latency (median, p90 as error bar) vs α per batch size; accuracy vs latency when measured."""
+    """Latency (median, p90 as error bar) vs α per batch size (vs the artifact's bytes for points
+    given as levels, which have no α); accuracy vs latency when measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    by_alpha = all("alpha" in r for r in records)
     fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.6), dpi=120, squeeze=False)
-    alphas = [r["alpha"] for r in records]
+    alphas = [r["alpha"] if by_alpha else r["bytes"] for r in records]
     for ax, b in zip(axes[0], batches, strict=True):
         med = [r[f"latency_ms_b{b}"] for r in records]
         p90 = [r[f"p90_ms_b{b}"] for r in records]
         ax.errorbar(alphas, med, yerr=[[0] * len(med), [p - m for p, m in zip(p90, med, strict=True)]],
                     marker="o", ms=4, capsize=3)
-        ax.set_xlabel("α")
+        ax.set_xlabel("α" if by_alpha else "artifact bytes")
         ax.set_ylabel(f"latency at batch {b} (ms)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    fig.suptitle(title or "latency vs α (median, p90)")
+    heading = title or "latency vs α (median, p90)"
+    fig.suptitle(heading if by_alpha else heading.replace("vs α", "vs bytes"))
     fig.tight_layout()
     fig.savefig(path_latency)
     plt.close(fig)
@@ -151,17 +154,23 @@ def plot_profile(records: Sequence[dict[str, Any]], batches: Sequence[int], path
         # latency order so the line reads as the accuracy a latency buys
         fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.6), dpi=120, squeeze=False)
         for ax, b in zip(axes[0], batches, strict=True):
-            pts = sorted((r[f"latency_ms_b{b}"], r["accuracy"], r["alpha"]) for r in records)
+            pts = sorted((r[f"latency_ms_b{b}"], r["accuracy"], _point_label(r)) for r in records)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4)
-            for lat, acc, a in pts:
-                ax.annotate(f"{a:g}", (lat, acc), textcoords="offset points", xytext=(3, 3), fontsize=6)
+            for lat, acc, label in pts:
+                ax.annotate(label, (lat, acc), textcoords="offset points", xytext=(3, 3), fontsize=6)
             ax.set_xlabel(f"latency at batch {b} (ms)")
             ax.set_ylabel("accuracy")
             ax.grid(alpha=0.3)
-        fig.suptitle("accuracy vs latency (labels: α)")
+        fig.suptitle("accuracy vs latency (labels: α, or the levels)")
         fig.tight_layout()
         fig.savefig(path_accuracy)
         plt.close(fig)
+
+
+def _point_label(r: dict[str, Any]) -> str:
+    if "alpha" in r:
+        return f"{r['alpha']:g}"
+    return "/".join(f"{r[k]:g}" for k in ("density", "width", "bits") if k in r)
 
 
 def plot_adapt(result: dict[str, Any], path: str | os.PathLike) -> None:
