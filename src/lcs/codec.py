@@ -37,7 +37,6 @@ __all__ = ["pack_bits", "unpack_bits", "pack_ints", "unpack_ints", "encode_posit
 
 MAX_K = 24  # remainders up to 2^24 − 1: gaps this long mean densities below ~1e-7
 _CHUNK = 1 << 20  # codes per chunk (a multiple of 8, so whole bytes for every k): bounded temporary memory
-_PACK_INTS_BITS = (2, 16)  # the widths ``pack_ints`` accepts; other k use the same layout done here
 
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -58,16 +57,37 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.flatten()[:numel]
 
 
+def _pack_width(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Codes of ``width`` bits each, back to back, most significant bit first (``pack_bits`` of the
+    codes' bit planes, in chunks of bounded memory); any width ≥ 1."""
+    flat = codes.detach().flatten().to(torch.int32)
+    shifts = torch.arange(width - 1, -1, -1, dtype=torch.int32)
+    parts = [pack_bits((chunk[:, None] >> shifts) & 1) for chunk in flat.split(_CHUNK)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+
+
+def _unpack_width(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
+    """Inverse of ``_pack_width``: the first ``numel`` codes as int64 (the caller checked the byte count)."""
+    weights = torch.tensor([1 << s for s in range(width - 1, -1, -1)], dtype=torch.int64)
+    chunk_bytes = _CHUNK * width // 8
+    parts, left = [], numel
+    for chunk in packed.split(chunk_bytes):
+        n = min(left, _CHUNK)
+        parts.append((unpack_bits(chunk, n * width).view(n, width).to(torch.int64) * weights).sum(1))
+        left -= n
+        if left == 0:
+            break
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
 def pack_ints(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Integers in [0, 2^bits) → uint8 tensor of ⌈n·bits/8⌉ bytes: each code's bits, most
     significant first, back to back (``pack_bits`` of the codes' bit planes)."""
     check_bits(bits)
-    flat = codes.detach().flatten().to(torch.int32)
+    flat = codes.detach().flatten()
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise LcsError(f"codes must lie in [0, {2**bits - 1}] to be packed in {bits} bits")
-    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.int32)
-    parts = [pack_bits((chunk[:, None] >> shifts) & 1) for chunk in flat.split(_CHUNK)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+    return _pack_width(flat, bits)
 
 
 def unpack_ints(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -75,17 +95,7 @@ def unpack_ints(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     check_bits(bits)
     if packed.numel() * 8 < numel * bits:
         raise LcsError(f"{packed.numel()} bytes cannot hold {numel} codes of {bits} bits")
-    weights = torch.tensor([1 << s for s in range(bits - 1, -1, -1)], dtype=torch.int32)
-    chunk_bytes = _CHUNK * bits // 8
-    parts, left = [], numel
-    for chunk in packed.split(chunk_bytes):
-        n = min(left, _CHUNK)
-        planes = unpack_bits(chunk, n * bits).view(n, bits).to(torch.int32)
-        parts.append((planes * weights).sum(1, dtype=torch.int32))
-        left -= n
-        if left == 0:
-            break
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+    return _unpack_width(packed, bits, numel).to(torch.int32)
 
 
 def _coded_positions(mask: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -127,28 +137,17 @@ def _best_k(gaps: torch.Tensor) -> int:
 
 
 def _pack_fixed(codes: torch.Tensor, k: int) -> torch.Tensor:
-    """k-bit codes back to back, MSB first: ``pack_ints`` where it accepts k, the same layout otherwise."""
+    """k-bit remainders back to back, MSB first (the ``pack_ints`` layout, for any k ≥ 0)."""
     if k == 0 or codes.numel() == 0:
         return torch.zeros(0, dtype=torch.uint8)
-    if _PACK_INTS_BITS[0] <= k <= _PACK_INTS_BITS[1]:
-        return pack_ints(codes, k)
-    shifts = torch.arange(k - 1, -1, -1, dtype=torch.int32)
-    return torch.cat([pack_bits((c[:, None] >> shifts) & 1) for c in codes.to(torch.int32).split(_CHUNK)])
+    return _pack_width(codes, k)
 
 
 def _unpack_fixed(packed: torch.Tensor, k: int, count: int) -> torch.Tensor:
     """Inverse of ``_pack_fixed``: ``count`` codes as int64 (the caller checked the byte count)."""
     if k == 0 or count == 0:
         return torch.zeros(count, dtype=torch.int64)
-    if _PACK_INTS_BITS[0] <= k <= _PACK_INTS_BITS[1]:
-        return unpack_ints(packed, k, count).to(torch.int64)
-    weights = torch.tensor([1 << s for s in range(k - 1, -1, -1)], dtype=torch.int64)
-    chunk_bytes = _CHUNK * k // 8
-    parts = []
-    for i, chunk in enumerate(packed.split(chunk_bytes)):
-        n = min(count - i * _CHUNK, _CHUNK)
-        parts.append((unpack_bits(chunk, n * k).view(n, k).to(torch.int64) * weights).sum(1))
-    return torch.cat(parts)
+    return _unpack_width(packed, k, count)
 
 
 def _encode_gaps(gaps: torch.Tensor, k: int) -> tuple[dict[str, torch.Tensor], int]:
