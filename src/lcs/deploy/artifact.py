@@ -33,7 +33,44 @@ __all__ = ["FORMAT", "VERSION", "encode_state", "network_meta", "dense_float32_b
 
 FORMAT = "lcs.compressed"
 VERSION = 2  # 2: shared blobs, entropy-coded positions; 1 (still read): one entry per tensor part
-_ALL_ENCODINGS = ("dense", "sparse", "packed_int", "sparse_int")
+
+
+def _coded_weights(model: nn.Module) -> dict[str, Any]:
+    """{weight name: its layer's input quantizer} for every weight stored as integer codes (its layer
+    recorded the weight's scale and zero point when it was baked)."""
+    return {f"{fqn}.weight": lq for fqn, lq in layer_quants(model).items() if hasattr(lq, "weight_scale")}
+
+
+def check_version(path: str, header: dict[str, Any], newest: int, what: str) -> int:
+    """The file's format version (1 when unstated), or a clear error for one newer than this lcs reads."""
+    version = header.get("version", 1)
+    if not isinstance(version, int) or version > newest:
+        raise LcsError(f"{path} is a version {version!r} {what}; this lcs reads versions up to {newest}: upgrade lcs")
+    return version
+
+
+def model_on_meta(arch: dict[str, Any]) -> nn.Module:
+    """The named architecture built on the meta device: shapes only, no initialization drawn (every
+    value is then assigned from a file)."""
+    from .. import models  # plain nn.Modules only
+
+    with torch.device("meta"):
+        return models.create(arch["name"], **arch.get("kwargs", {}))
+
+
+def assign_state(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Assign a file's tensors to ``model`` (replacing meta tensors); a file that does not match is refused."""
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise LcsError(f"{path} does not match its architecture: {state_dict_error(e)}") from None
+
+
+def check_assigned(model: nn.Module, path: str) -> None:
+    """Every tensor of ``model`` holds a value (none left on the meta device), else the file lacked one."""
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise LcsError(f"{path} does not hold every tensor of its architecture (missing {left[0]!r})")
 
 
 def encode_state(model: nn.Module, meta: dict[str, Any] | None = None
@@ -41,9 +78,9 @@ def encode_state(model: nn.Module, meta: dict[str, Any] | None = None
     """The tensors and safetensors metadata of a plain model's compressed artifact. The encodings a
     quantized layer's weight may use come from its regime's record (``Regime.encoders``) when ``meta``
     names the regime; every other tensor is dense or sparse, whichever is smaller."""
-    from .encodings import Writer
+    from .encodings import ENCODINGS, Writer
 
-    allowed = _ALL_ENCODINGS
+    allowed = ENCODINGS
     if meta and meta.get("regime"):
         from ..regimes import REGISTRY
 
@@ -51,7 +88,7 @@ def encode_state(model: nn.Module, meta: dict[str, Any] | None = None
         if rec is not None:
             allowed = tuple(rec.encoders) + ("dense",)
     quants = layer_quants(model)
-    coded = {f"{fqn}.weight": lq for fqn, lq in quants.items() if hasattr(lq, "weight_scale")}
+    coded = _coded_weights(model)
     writer = Writer()
     for name, t in model.state_dict().items():
         if name in coded:
@@ -111,8 +148,7 @@ def information_limit_bytes(model: nn.Module) -> float:
     their positions, n·H(nnz/n) (``lcs.codec``); no header, no names. The artifact is measured against it."""
     from ..codec import information_limit_bits
 
-    coded = {f"{fqn}.weight": lq.current_bits() for fqn, lq in layer_quants(model).items()
-             if hasattr(lq, "weight_scale")}
+    coded = {name: lq.current_bits() for name, lq in _coded_weights(model).items()}
     bits = 0.0
     for name, t in model.state_dict().items():
         if not t.is_floating_point():
@@ -165,10 +201,7 @@ def _decode(path: str, header: dict[str, Any]
     the layout's extras (quantizing layers, folded BatchNorms)."""
     from .encodings import decode_v1, decode_v2
 
-    version = header.get("version", 1)
-    if not isinstance(version, int) or version > VERSION:
-        raise LcsError(f"{path} is a version {version!r} artifact; this lcs reads versions up to {VERSION}: "
-                       f"upgrade lcs")
+    version = check_version(path, header, VERSION, "artifact")
     tensors, _ = load_tensors(path)  # verified against the file's digest
     try:
         if version >= 2:
@@ -208,13 +241,9 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, ker
         raise LcsError(f"{path} holds {header['format']!r}, not a compressed network at one α "
                        f"(use lcs.Runtime for subspace artifacts)")
     if model is None:
-        from .. import models  # plain nn.Modules only
-
-        arch = header.get("arch")
-        if not arch:
+        if not header.get("arch"):
             raise LcsError(f"{path} does not name its architecture: pass model=")
-        with torch.device("meta"):  # shapes only: every value comes from the file (no initialization drawn)
-            model = models.create(arch["name"], **arch.get("kwargs", {}))
+        model = model_on_meta(header["arch"])
     state, qparams, shapes, extras = _decode(path, header)
     try:
         folded_structure(model, extras.get("bn_folded") or {})  # quantized with BN: BN merged into convs
@@ -232,13 +261,8 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, ker
         from ..layers.slim import resize_to_shapes
 
         resize_to_shapes(model, shapes)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise LcsError(f"{path} does not match the architecture: {state_dict_error(e)}") from None
-    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise LcsError(f"{path} does not hold every tensor of its architecture (missing {left[0]!r})")
+    assign_state(model, state, path)
+    check_assigned(model, path)
     if kernels == "auto":
         accelerate(model)
     return model.eval()

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LcsError, state_dict_error
+from ..errors import LcsError
 from ..files import load_tensors, save_tensors
 from ..layers.bn_stats import select_bn_stats
 from ..regimes import regime_from_dict, regime_to_dict
 from ..subspace import Subspace, convert
-from .artifact import read_metadata
+from .artifact import assign_state, check_assigned, check_version, model_on_meta, read_metadata
 
 __all__ = ["SUBSPACE_FORMAT", "SUBSPACE_VERSION", "save_subspace", "load_subspace"]
 
@@ -47,10 +47,6 @@ def save_subspace(sub: Subspace, path: str | os.PathLike, arch: dict[str, Any],
     return save_tensors(sub.model.state_dict(), path, {"lcs": json.dumps(header)})
 
 
-def _on_meta(model: nn.Module) -> list[str]:
-    return [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-
-
 def load_subspace(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[Subspace, dict[str, Any]]:
     """The Subspace stored in a subspace file, in eval mode, and the file's metadata.
 
@@ -61,35 +57,25 @@ def load_subspace(path: str | os.PathLike, model: nn.Module | None = None) -> tu
     if header.get("format") != SUBSPACE_FORMAT:
         raise LcsError(f"{path} holds {header.get('format')!r}, not a subspace (export it with "
                        f"`lcs export RUN --subspace`)")
-    version = header.get("version", 1)
-    if not isinstance(version, int) or version > SUBSPACE_VERSION:
-        raise LcsError(f"{path} is a version {version!r} subspace file; this lcs reads versions up to "
-                       f"{SUBSPACE_VERSION}: upgrade lcs")
+    version = check_version(path, header, SUBSPACE_VERSION, "subspace file")
     try:
         config = regime_from_dict(header["regime"])
         compressed = set(header["compressed"])
         decisions = header.get("decisions") if version >= 2 else None
         if model is None:
-            from .. import models
-
-            with torch.device("meta"):  # shapes only: every value comes from the file
-                model = models.create(header["arch"]["name"], **header["arch"].get("kwargs", {}))
+            model = model_on_meta(header["arch"])
     except (KeyError, TypeError) as e:
         raise LcsError(f"{path}: incomplete subspace metadata ({e})") from None
-    with torch.device("meta") if _on_meta(model) else contextlib.nullcontext():
+    on_meta = any(p.is_meta for p in model.parameters())
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
         sub = convert(model, config, filter_fn=lambda m, fqn: fqn in compressed, decisions=decisions)
     if header.get("input_shape"):
         sub.input_shape = tuple(header["input_shape"])
     state, _ = load_tensors(path)  # verified against the file's digest
-    try:
-        sub.model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise LcsError(f"{path} does not match its architecture: {state_dict_error(e)}") from None
+    assign_state(sub.model, state, path)
     for m in sub.model.modules():  # per-level BN statistics: the plain views onto the loaded rows
         select_bn_stats(m)
-    missing = _on_meta(sub.model)
-    if missing:
-        raise LcsError(f"{path} does not hold every tensor of its architecture (missing {missing[0]!r})")
+    check_assigned(sub.model, path)
     sub.model.eval()
     return sub, header
 
