@@ -165,3 +165,13 @@ def test_profile_takes_level_cells(tmp_path):
     assert [(r["density"], r["bits"]) for r in records] == [(0.1, 4), (1.0, 8)]
     assert records[0]["bytes"] < records[1]["bytes"] and "alpha" not in records[0]
     assert (tmp_path / "prof" / "p_latency.png").stat().st_size > 0
+
+
+def test_busy_machine_warning_names_level_cells(capsys):
+    """Records of level cells have no α: the busy-machine warning names their levels instead."""
+    from lcs.cli import _warn_if_busy
+
+    _warn_if_busy([{"density": 0.1, "bits": 4, "latency_ms_b1": 1.0, "p90_ms_b1": 5.0},
+                   {"alpha": 0.5, "latency_ms_b1": 1.0, "p90_ms_b1": 5.0}], (1,))
+    err = capsys.readouterr().err
+    assert "b1 at 0.1/4" in err and "b1 at α=0.5" in err

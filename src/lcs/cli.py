@@ -192,7 +192,10 @@ def _provenance(cfg, data, state: dict) -> dict:
 
 def _warn_if_busy(records: list[dict], batches) -> None:
     """Latency spread that says another process took the CPU: a p90 over twice its median."""
-    busy = [f"b{b} at α={r['alpha']:g} (median {r[f'latency_ms_b{b}']:.2f} ms, p90 {r[f'p90_ms_b{b}']:.2f} ms)"
+    from .eval.report import point_label
+
+    busy = [f"b{b} at {'α=' if 'alpha' in r else ''}{point_label(r)} "
+            f"(median {r[f'latency_ms_b{b}']:.2f} ms, p90 {r[f'p90_ms_b{b}']:.2f} ms)"
             for r in records for b in batches
             if f"p90_ms_b{b}" in r and r[f"p90_ms_b{b}"] > 2 * r[f"latency_ms_b{b}"]]
     if busy:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["format_table", "plot_runs", "plot_heatmap", "plot_bn_gaps", "plot_profile", "plot_adapt"]
+__all__ = ["point_label", "format_table", "plot_runs", "plot_heatmap", "plot_bn_gaps", "plot_profile", "plot_adapt"]
 
 _COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("width", "width", "{:.3f}"),
             ("bits", "bits", "{:d}"), ("keep", "keep", "{:.3f}"), ("accuracy", "accuracy", "{:.4f}"),
@@ -154,7 +154,7 @@ def plot_profile(records: Sequence[dict[str, Any]], batches: Sequence[int], path
         # latency order so the line reads as the accuracy a latency buys
         fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.6), dpi=120, squeeze=False)
         for ax, b in zip(axes[0], batches, strict=True):
-            pts = sorted((r[f"latency_ms_b{b}"], r["accuracy"], _point_label(r)) for r in records)
+            pts = sorted((r[f"latency_ms_b{b}"], r["accuracy"], point_label(r)) for r in records)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4)
             for lat, acc, label in pts:
                 ax.annotate(label, (lat, acc), textcoords="offset points", xytext=(3, 3), fontsize=6)
@@ -167,7 +167,8 @@ def plot_profile(records: Sequence[dict[str, Any]], batches: Sequence[int], path
         plt.close(fig)
 
 
-def _point_label(r: dict[str, Any]) -> str:
+def point_label(r: dict[str, Any]) -> str:
+    """A record's point as text: its α, or (points given as levels, which have none) its levels."""
     if "alpha" in r:
         return f"{r['alpha']:g}"
     return "/".join(f"{r[k]:g}" for k in ("density", "width", "bits") if k in r)
