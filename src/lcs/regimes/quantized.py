@@ -16,7 +16,7 @@ from ..layers.select import default_filter
 from .base import BakeContext, MethodSpec, Regime, RegimeConfig, check_alpha, check_level
 
 __all__ = ["QuantizedConfig", "REGIME", "BitBins", "check_bit_range", "bits_settings", "add_fake_quant",
-           "prepare_folding", "fix_network_bits", "bin_edges"]
+           "prepare_folding", "fix_network_bits", "bin_edges", "bit_stats_rows", "bit_stats_row"]
 
 
 def check_bit_range(b_min: Any, b_max: Any, prefix: str = "") -> None:
@@ -48,6 +48,16 @@ class BitBins:
         """The upper edge of the bin of ``bits``: the α that LCS+L trains for that bit width."""
         b = check_level("bits", bits, self.b_min, self.b_max, whole=True)
         return (b - self.b_min + 1) / self.n
+
+
+def bit_stats_rows(config: Any) -> int:
+    """One set of BatchNorm statistics per bit width (``bn_stats_per_bits``), for any config with bits."""
+    return config.bins.n if config.bn_stats_per_bits else 0
+
+
+def bit_stats_row(config: Any, levels: Mapping[str, float]) -> int:
+    """The statistics row of the bit width in ``levels``."""
+    return check_level("bits", levels["bits"], config.b_min, config.b_max, whole=True) - config.b_min
 
 
 @dataclass(frozen=True)
@@ -90,11 +100,11 @@ class QuantizedConfig(RegimeConfig):
     @property
     def stats_rows(self) -> int:
         """BatchNorm statistics sets: one per bit width."""
-        return self.num_levels if self.bn_stats_per_bits else 0
+        return bit_stats_rows(self)
 
     def stats_row(self, alpha: float, levels: Mapping[str, float]) -> int:
         """The row of the bit width (α only picks the bin, and the bin is the bits)."""
-        return check_level("bits", levels["bits"], self.b_min, self.b_max, whole=True) - self.b_min
+        return bit_stats_row(self, levels)
 
     @property
     def levels_max(self) -> dict[str, float]:
@@ -147,8 +157,9 @@ def fix_network_bits(net: Any, ctx: BakeContext) -> None:
 
 
 def bin_edges(config: Any) -> tuple[float, ...]:
-    """The bins' upper edges k/n (a uniformly random bit width per step)."""
-    return tuple(config.alpha_of(b) for b in range(config.b_min, config.b_max + 1))
+    """The bins' upper edges k/n, one per bit width (a uniformly random bit width per step), for any
+    config with bit bins."""
+    return tuple(config.bins.edge(b) for b in range(config.b_min, config.b_max + 1))
 
 
 REGIME = Regime(

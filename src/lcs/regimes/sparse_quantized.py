@@ -23,7 +23,17 @@ from ..errors import LcsError
 from ..layers.quant import set_activation_quant
 from ..layers.select import default_filter
 from .base import MethodSpec, Regime, RegimeConfig, check_alpha, check_level
-from .quantized import BitBins, add_fake_quant, bits_settings, check_bit_range, fix_network_bits, prepare_folding
+from .quantized import (
+    BitBins,
+    add_fake_quant,
+    bin_edges,
+    bit_stats_row,
+    bit_stats_rows,
+    bits_settings,
+    check_bit_range,
+    fix_network_bits,
+    prepare_folding,
+)
 from .unstructured import add_topk, d_min_settings
 
 __all__ = ["SparseQuantizedConfig", "REGIME"]
@@ -83,10 +93,10 @@ class SparseQuantizedConfig(RegimeConfig):
 
     @property
     def stats_rows(self) -> int:
-        return self.bins.n if self.bn_stats_per_bits else 0
+        return bit_stats_rows(self)
 
     def stats_row(self, alpha: float, levels: Mapping[str, float]) -> int:
-        return check_level("bits", levels["bits"], self.b_min, self.b_max, whole=True) - self.b_min
+        return bit_stats_row(self, levels)
 
 
 def _settings(m: Any, method: str) -> SparseQuantizedConfig:
@@ -112,7 +122,7 @@ def _sample_levels(config: SparseQuantizedConfig, gen: torch.Generator) -> dict[
 
 def _grid(config: SparseQuantizedConfig) -> list[Any]:
     if config.geometry == "line":  # density and bits rise together: the bins' upper edges
-        return [config.bins.edge(b) for b in range(config.b_min, config.b_max + 1)]
+        return list(bin_edges(config))
     densities = [d for d in DENSITIES if config.d_min - 1e-9 <= d <= 1.0 + 1e-9]
     return [{"density": d, "bits": b} for b in range(config.b_min, config.b_max + 1) for d in densities]
 

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import LcsError
 from ..layers.select import LINEAR_TYPES, NORM_TYPES, all_but_classifier
-from ..layers.slim import channel_plan, make_slim, slim_down, width_channels
+from ..layers.slim import channel_plan, is_slim, make_slim, slim_down, width_channels
 from .base import BakeContext, MethodSpec, Regime, RegimeConfig, check_alpha, check_level
 
 __all__ = ["StructuredConfig", "REGIME", "WIDTH_GRID"]
@@ -110,8 +110,6 @@ def _width_follows(module: Any, fqn: str, state: Any, config: StructuredConfig) 
 def _slim_down(net: Any, ctx: BakeContext) -> None:
     """The physically slim network at the width: the channel plan of each distinct set of channel
     counts is found once by a forward pass on zeros of the input shape, and memoized."""
-    from ..layers.slim import is_slim
-
     slim = [m for m in ctx.template.modules() if is_slim(m)]
     if not slim:
         return
