@@ -42,6 +42,19 @@ def _ceil8(bits: int) -> int:
     return (bits + 7) // 8
 
 
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, shape: list[int],
+                dtype: torch.dtype) -> torch.Tensor:
+    """(code − zp)·scale: bit for bit the value fake quantization computed."""
+    return ((codes - zp).float() * scale).view(shape).to(dtype)
+
+
+def _scatter(mask: torch.Tensor, values: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """A dense tensor holding ``values`` where ``mask`` is set, zeros elsewhere."""
+    dense = values.new_zeros(mask.numel())
+    dense[mask] = values
+    return dense.view(shape)
+
+
 class Writer:
     """Collects encoded tensors into shared blobs; ``tensors()`` gives the safetensors entries."""
 
@@ -171,9 +184,7 @@ def decode_v2(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
             state[name] = reader.take(dtype_name, numel).view(shape).clone()
         elif enc == "sparse":
             mask = reader.positions(row[4], numel)
-            dense = torch.zeros(numel, dtype=dtype)
-            dense[mask] = reader.take(dtype_name, int(mask.sum()))
-            state[name] = dense.view(shape)
+            state[name] = _scatter(mask, reader.take(dtype_name, int(mask.sum())), shape)
         elif enc in ("packed_int", "sparse_int"):
             bits = check_bits(int(row[4][0]))
             scale, zp = reader.take("float32", 1).clone(), reader.take("int32", 1).clone()
@@ -184,7 +195,7 @@ def decode_v2(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
                 nnz = int(mask.sum())
                 codes = torch.full((numel,), int(zp), dtype=torch.int32)
                 codes[mask] = unpack_ints(reader.take(_BITS, _ceil8(nnz * bits)), bits, nnz)
-            state[name] = ((codes - zp).float() * scale).view(shape).to(dtype)
+            state[name] = _dequantize(codes, scale, zp, shape, dtype)
             qparams[name] = (scale, zp)
         else:
             raise DamagedFileError(f"unknown tensor encoding {enc!r}")
@@ -201,15 +212,12 @@ def decode_v1(tensors: dict[str, torch.Tensor], layout: dict[str, dict[str, Any]
         if info["encoding"] == "dense":
             state[name] = tensors[name]
         elif info["encoding"] == "bitmap":
-            values = tensors[f"{name}.values"]
             mask = unpack_bits(tensors[f"{name}.bitmap"], math.prod(shape))
-            dense = values.new_zeros(mask.numel())
-            dense[mask] = values
-            state[name] = dense.view(shape)
+            state[name] = _scatter(mask, tensors[f"{name}.values"], shape)
         elif info["encoding"] == "packed_int":
             scale, zp = tensors[f"{name}.scale"], tensors[f"{name}.zero_point"]
             codes = unpack_ints(tensors[f"{name}.codes"], int(info["bits"]), math.prod(shape))
-            state[name] = ((codes - zp).float() * scale).view(shape).to(getattr(torch, info["dtype"]))
+            state[name] = _dequantize(codes, scale, zp, shape, getattr(torch, info["dtype"]))
             qparams[name] = (scale, zp)
         else:
             raise DamagedFileError(f"unknown tensor encoding {info['encoding']!r}")
