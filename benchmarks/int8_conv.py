@@ -116,6 +116,18 @@ def _torch_fns(layer: dict, x_np) -> dict:
             "fbgemm": fbgemm(x), "fbgemm_nhwc": fbgemm(x_nhwc)}
 
 
+def _interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for kind, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[kind].append(time.perf_counter() - t0)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", default="1,64")
@@ -127,6 +139,9 @@ def main() -> None:
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
+    # onnxruntime's intra-op threads spin after each run by default and take the cores from torch's
+    # kernels timed next to them (the fbgemm row of an earlier run was off by 5x for that reason)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     layers = conv_shapes()
     torch.set_num_threads(args.threads)
     result: dict = {"benchmark": "int8_conv", "model": "cpreresnet20", "threads": args.threads,
@@ -137,18 +152,13 @@ def main() -> None:
         for layer in layers:
             x = {"x": np.random.default_rng(1).random((batch, layer["cin"], layer["hw"], layer["hw"]),
                                                       dtype=np.float32)}
-            fns = {kind: _ort_fn(ort.InferenceSession(build(layer, kind), opts,
-                                                      providers=["CPUExecutionProvider"]), x)
-                   for kind in ("float", "integer", "qlinear")}
-            fns.update(_torch_fns(layer, x["x"]))
-            times: dict[str, list[float]] = {k: [] for k in fns}
-            for fn in fns.values():
-                fn()
-            for _ in range(args.rounds):
-                for kind, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[kind].append(time.perf_counter() - t0)
+            ort_fns = {kind: _ort_fn(ort.InferenceSession(build(layer, kind), opts,
+                                                          providers=["CPUExecutionProvider"]), x)
+                       for kind in ("float", "integer", "qlinear")}
+            # each engine's contestants interleaved among themselves, the engines one after the other
+            times = _interleaved(ort_fns, args.rounds)
+            del ort_fns
+            times.update(_interleaved(_torch_fns(layer, x["x"]), args.rounds))
             rows.append({**layer, **{f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}})
         summary = {"layers": rows}
         for kind, ref in PAIRS:

@@ -36,13 +36,14 @@ def _controller(rt, **kwargs):
     return BudgetController(rt, PROFILE, clock=rt.clock, **kwargs)
 
 
-def _drive(ctl, rt, loads):
+def _drive(ctl, rt, loads, uniform=True):
     """The real controller (choose, switch, run, observe) under a load trace; the α of each request."""
     alphas = []
     for load in loads:
         rt.load = load
         _, decision = ctl(torch.zeros(1))
-        assert decision.latency_ms == pytest.approx(ctl.profiled_ms(decision.alpha) * load)
+        if uniform:
+            assert decision.latency_ms == pytest.approx(ctl.profiled_ms(decision.alpha) * load)
         alphas.append(decision.alpha)
     return alphas
 
@@ -139,3 +140,32 @@ def test_jittery_load_is_predicted_by_its_tail_not_its_mean():
 
     assert over_budget(0.5) > 0.10
     assert over_budget(0.9) < 0.05
+
+
+class UnevenLoadRuntime(FakeRuntime):
+    """A load that slows α = 0.5 twice as much as the efficient end (as a CPU competitor may)."""
+
+    def __call__(self, x):
+        extra = 2.0 if self.alpha == 0.5 and self.load > 1.0 else 1.0
+        ms = {p["alpha"]: p["latency_ms_b1"] for p in PROFILE}[self.alpha] * self.load * extra
+        self.now += ms / 1e3
+        return x
+
+
+def test_failed_moves_up_back_off_and_load_going_away_resets():
+    """Under a 1.2x load α = 0.5 looks like it fits from the efficient end (6 × 1.2 = 7.2 ms ≤ 8) but
+    takes 14.4 ms: each move up is over budget. Backing off keeps those failures logarithmic in the
+    number of requests instead of one per dwell; when the load goes, α = 0.5 comes back at once."""
+    def run(max_dwell):
+        rt = UnevenLoadRuntime()
+        ctl = _controller(rt, budget_ms=8.0, margin=0.0, dwell=3, max_dwell=max_dwell)
+        loads = [1.2] * 300 + [1.0] * 20
+        alphas = _drive(ctl, rt, loads, uniform=False)
+        over = sum(a == 0.5 for a in alphas[:300])  # every request at 0.5 under the load is over budget
+        return over, alphas, ctl
+
+    over_backoff, alphas, ctl = run(max_dwell=64)
+    over_fixed, _, _ = run(max_dwell=3)  # max_dwell = dwell: no back-off
+    assert over_fixed >= 60  # about one failure per dwell + 1 requests
+    assert over_backoff <= 10 and ctl.failed_moves == over_backoff - 1  # the first request starts at 0.5
+    assert 0.5 in alphas[300:300 + 2 * ctl.dwell + 2]  # load gone: back up within a couple of dwells

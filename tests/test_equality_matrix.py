@@ -17,7 +17,7 @@ SMALL = ("cpreresnet20",)  # the others (11-20 M parameters) run with `make test
 # The norms each regime accepts (structured needs per-channel norms) and its regime configs.
 CASES = {
     "unstructured": [("gn", {}), ("bn", {"bn_stats_bins": 4})],
-    "structured": [("ln", {}), ("bn", {})],
+    "structured": [("ln", {}), ("bn", {}), ("bn", {"bn_stats_bins": 3})],
     "quantized": [("gn", {}), ("bn", {})],
     "sparse_quantized": [("gn", {}), ("bn", {})],
 }
@@ -61,7 +61,8 @@ def _build(name: str, regime: str, geometry: str, norm: str, extra: dict) -> lcs
 
 
 def _matrix(name: str) -> list:
-    return [pytest.param(name, regime, geometry, norm, extra, id=f"{name}-{regime}-{geometry}-{norm}")
+    return [pytest.param(name, regime, geometry, norm, extra,
+                         id=f"{name}-{regime}-{geometry}-{norm}" + "".join(f"-{k}{v}" for k, v in extra.items()))
             for regime, norms in CASES.items() for geometry in ("line", "point") for norm, extra in norms]
 
 

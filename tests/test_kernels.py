@@ -15,6 +15,7 @@ from lcs.layers.kernels import (
     KernelChooser,
     SparseConv2d,
     accelerate,
+    conv_columns,
     csr_conv2d,
     csr_linear,
     dense_kernels,
@@ -47,6 +48,15 @@ def test_csr_conv_equals_dense_conv(k, stride, padding, dilation, batch):
     csr = conv.weight.reshape(10, -1).to_sparse_csr()
     with torch.no_grad():
         assert torch.allclose(csr_conv2d(x, csr, conv, conv.bias), conv(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (7, 2, 3, 1), (3, 1, 0, 1),
+                                                       ((3, 5), (2, 1), (1, 2), 1), (3, 1, 2, 2)])
+def test_conv_columns_equal_unfold_exactly(k, stride, padding, dilation):
+    conv = nn.Conv2d(5, 4, k, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(2, 5, 17, 12)
+    expected = torch.nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    assert torch.equal(conv_columns(x, conv), expected)
 
 
 def test_csr_linear_equals_dense_linear():

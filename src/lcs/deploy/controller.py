@@ -8,6 +8,14 @@ average is over budget for about half of its requests. It then serves the larges
 predicted latency fits the budget. Hysteresis:
 moving up needs the prediction to fit with a safety margin, and any switch is followed by a few
 requests of dwell, so the choice does not oscillate at the boundary.
+
+A load does not slow every α alike (under a CPU competitor a small network's overhead-bound
+operators suffer differently from a large one's matrix products), so a move up can miss the budget
+although the load measured at the lower α said it would fit. Such a failed move doubles the dwell
+before the next attempt (up to ``max_dwell`` requests), the way TCP backs off: a load that
+persists costs a few over-budget requests in all, not one per dwell; a move up that holds resets it,
+and so does the load going away (the load factor falling ``jump``× below the one the failed move
+trusted).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ class BudgetController:
         margin: moving up requires predicted ≤ (1 − margin)·budget.
         dwell: requests to stay at an α after switching.
         jump: a measured slowdown this far (×) from the load factor replaces it instead of being smoothed.
+        max_dwell: the longest wait before moving up again after moves up kept failing.
         window, quantile: predictions scale the profile by this quantile of the last ``window`` ratios of
             measured to profiled latency (1.0: the worst; 0.5: the median).
         clock: seconds, monotonic (tests pass a simulated one).
@@ -58,7 +67,8 @@ class BudgetController:
 
     def __init__(self, rt: Runtime, profile: Sequence[dict[str, Any]] | dict[str, Any] | str | os.PathLike,
                  budget_ms: float, *, batch: int = 1, smoothing: float = 0.3, margin: float = 0.15, dwell: int = 3,
-                 jump: float = 1.5, window: int = 16, quantile: float = 0.9, clock=time.perf_counter):
+                 jump: float = 1.5, window: int = 16, quantile: float = 0.9, max_dwell: int = 64,
+                 clock=time.perf_counter):
         if isinstance(profile, (str, os.PathLike)):
             with open(profile) as f:
                 profile = json.load(f)
@@ -80,6 +90,11 @@ class BudgetController:
         self.load_factor = 1.0
         self._ratios: deque[float] = deque(maxlen=window)
         self._since_switch = dwell
+        self._up_dwell = dwell  # grows while moves up fail (back-off), back to ``dwell`` when one holds
+        self.max_dwell = max(dwell, int(max_dwell))
+        self._moved_up_from: float | None = None  # the α left by the last move up, while it is on trial
+        self._trusted_factor: float | None = None  # the load factor a failed move up trusted
+        self.failed_moves = 0
         self.feasible = True
 
     def profiled_ms(self, alpha: float) -> float:
@@ -112,7 +127,7 @@ class BudgetController:
             return self.points[0][0]  # nothing fits: the most efficient point, and say so
         best = max(fits)
         if best > current:
-            if self._since_switch < self.dwell:
+            if self._since_switch < self._up_dwell:
                 return current
             up = [a for a in fits if a > current and self.predicted_ms(a) <= (1 - self.margin) * self.budget_ms]
             return max(up) if up else (current if current in fits else best)
@@ -130,18 +145,35 @@ class BudgetController:
             self.load_factor += self.smoothing * (ratio - self.load_factor)
         self._ratios.append(ratio)
 
+    def _judge_move_up(self, latency_ms: float, trusted_factor: float) -> None:
+        """A move up on trial fails with its first request over budget (back off: double the wait
+        before the next one) and holds after ``dwell`` requests within it (the wait is reset)."""
+        if self._trusted_factor is not None and self.load_factor * self.jump < self._trusted_factor:
+            self._up_dwell, self._trusted_factor = self.dwell, None  # that load has gone away
+        if self._moved_up_from is None:
+            return
+        if latency_ms > self.budget_ms:
+            self._up_dwell = min(2 * self._up_dwell, self.max_dwell)
+            self._moved_up_from, self._trusted_factor = None, trusted_factor
+            self.failed_moves += 1
+        elif self._since_switch >= self.dwell:
+            self._up_dwell, self._moved_up_from, self._trusted_factor = self.dwell, None, None
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, Decision]:
         """Choose α, switch if needed, run the request, learn from its latency."""
         alpha = self.choose()
-        if alpha != self.rt.alpha:
+        current = self.rt.alpha
+        if alpha != current:
+            self._moved_up_from = current if alpha > current else None
             self.rt.set_alpha(alpha)
             self._since_switch = 0
         else:
             self._since_switch += 1
-        predicted = self.predicted_ms(alpha)
+        predicted, trusted = self.predicted_ms(alpha), self.tail_factor
         t0 = self.clock()
         y = self.rt(x)
         ms = (self.clock() - t0) * 1e3
         self.observe(alpha, ms)
+        self._judge_move_up(ms, trusted)
         return y, Decision(alpha, ms, predicted, self.load_factor, self.feasible)

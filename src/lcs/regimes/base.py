@@ -22,12 +22,19 @@ from ..errors import LcsError
 from ..layers.quant import BITS_RANGE
 
 __all__ = ["RegimeConfig", "Regime", "MethodSpec", "BakeContext", "Point", "GEOMETRIES", "BITS_RANGE", "check_alpha",
-           "check_level", "register", "record_of", "REGISTRY"]
+           "check_whole", "check_level", "register", "record_of", "REGISTRY"]
 
 GEOMETRIES = ("line", "point")
 
 # A place on the subspace: an α, or (points) the levels themselves, e.g. {"density": 0.1, "bits": 4}.
 Point = float | Mapping[str, float]
+
+
+def check_whole(value: Any, key: str, minimum: int = 0) -> int:
+    """A whole-number setting (bins, counts), with its config name in the error."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise LcsError(f"{key} must be a whole number >= {minimum}, got {value!r}")
+    return value
 
 
 def check_alpha(alpha: float, lo: float = 0.0, hi: float = 1.0) -> float:

@@ -14,7 +14,7 @@ import torch
 from ..errors import LcsError
 from ..layers.select import LINEAR_TYPES, NORM_TYPES, all_but_classifier
 from ..layers.slim import channel_plan, is_slim, make_slim, slim_down, width_channels
-from .base import BakeContext, MethodSpec, Regime, RegimeConfig, check_alpha, check_level
+from .base import BakeContext, MethodSpec, Regime, RegimeConfig, check_alpha, check_level, check_whole
 
 __all__ = ["StructuredConfig", "REGIME", "WIDTH_GRID"]
 
@@ -30,6 +30,10 @@ class StructuredConfig(RegimeConfig):
         w_min, w_max: the width range (default [0.25, 1.0]).
         line_scope: which tensors are lines under ``geometry="line"``: ``"norm"`` (only the norm
             affine parameters, as in the reference) or ``"all"`` (every conv/linear/norm tensor).
+        bn_stats_bins: with BatchNorm, keep that many sets of running statistics, one per equal bin
+            of width, plus one for each end of the range (the sandwich rule trains both ends every
+            step): switchable BatchNorm, stored and exported with each width (``lcs.layers.bn_stats``);
+            0 keeps one shared set (universally slimmable networks, and the US baseline always).
 
     Example:
         >>> StructuredConfig().level(0.5)
@@ -39,6 +43,7 @@ class StructuredConfig(RegimeConfig):
     w_min: float = 0.25
     w_max: float = 1.0
     line_scope: str = "norm"
+    bn_stats_bins: int = 0
 
     regime: ClassVar[str] = "structured"
     level_names: ClassVar[tuple[str, ...]] = ("width",)
@@ -51,6 +56,23 @@ class StructuredConfig(RegimeConfig):
                            f"w_max={self.w_max}")
         if self.line_scope not in ("norm", "all"):
             raise LcsError(f"line_scope must be 'norm' or 'all', got {self.line_scope!r}")
+        check_whole(self.bn_stats_bins, "bn_stats_bins (0: one shared set)")
+
+    @property
+    def stats_rows(self) -> int:
+        """BatchNorm statistics sets: ``bn_stats_bins`` equal bins of width, plus one row per end."""
+        return self.bn_stats_bins + 2 if self.bn_stats_bins else 0
+
+    def stats_row(self, alpha: float, levels: Mapping[str, float]) -> int:
+        """The row of the width: each end of the range its own (trained every step), the widths
+        between in ``bn_stats_bins`` equal bins."""
+        n, w = self.bn_stats_bins, float(levels["width"])
+        if abs(w - self.w_max) < 1e-9:
+            return n + 1
+        if abs(w - self.w_min) < 1e-9:
+            return n
+        span = self.w_max - self.w_min
+        return min(n - 1, max(0, int(n * (w - self.w_min) / span))) if span > 0 else n + 1
 
     @property
     def levels_max(self) -> dict[str, float]:
@@ -76,8 +98,11 @@ def _settings(m: Any, method: str) -> StructuredConfig:
         raise LcsError(f"method.sandwich_random={m.sandwich_random!r} is invalid: must be >= 0")
     if m.l1 < 0:
         raise LcsError(f"method.l1={m.l1!r} is invalid: must be >= 0")
+    check_whole(m.bn_stats_bins, "method.bn_stats_bins (0: one shared set)")
+    # the baselines keep their own BatchNorm semantics: shared across widths (US, NS) or one network (LEC)
+    bins = m.bn_stats_bins if method in ("lcs_l", "lcs_p") else 0
     config = StructuredConfig(geometry="line" if method == "lcs_l" else "point", w_min=m.w_min, w_max=m.w_max,
-                              line_scope=m.line_scope, line_init=m.line_init)
+                              line_scope=m.line_scope, line_init=m.line_init, bn_stats_bins=bins)
     if method == "ns":
         if not m.ns_widths:
             raise LcsError("method.ns_widths is empty")

@@ -38,11 +38,13 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int = 2) -> Path:
-    """Write a checkpoint for ``state["step"]`` atomically and prune old ones beyond ``keep``."""
+                    state: dict[str, Any], keep: int = 2, tag: str = "") -> Path:
+    """Write a checkpoint for ``state["step"]`` atomically and prune old ones beyond ``keep``.
+    ``tag``: a suffix for a second checkpoint of the same step (it sorts after the first, which
+    stays intact until the new one is complete)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{state['step']:08d}"
+    name = f"step_{state['step']:08d}" + (f"_{tag}" if tag else "")
     final = root / name
     with atomic_dir(final) as tmp:
         save_tensors(model.state_dict(), tmp / "weights.safetensors")

@@ -84,9 +84,13 @@ class MethodConfig:
     # LCS+L / LCS+P: interior α drawn uniform (SPEC) or log-uniform (equal visits to log-spaced BN statistics rows)
     alpha_dist: str = "uniform"
     line_init: str = "independent"  # independent | copy (second endpoint from the first)
-    # unstructured with BatchNorm: running statistics per log-spaced density bin (0: one shared set;
-    # the target baseline, one network at one density, always keeps one)
+    # with BatchNorm, running statistics per level bin (0: one shared set): unstructured per log-spaced
+    # bin of α, structured LCS+L / LCS+P per width bin plus both ends; the baselines always keep one
     bn_stats_bins: int = 0
+    # BatchNorm: after the last step, replace each stored statistics row by its average over this many
+    # training batches (augmented as in training) with the final weights (lcs.train.bn_pass);
+    # 0 keeps the running averages
+    bn_final_batches: int = 0
 
 
 @dataclass
@@ -160,6 +164,8 @@ class Config:
         _check(m.beta >= 0, "method.beta", m.beta, ">= 0")
         _check(0 <= m.endpoint_prob <= 1, "method.endpoint_prob", m.endpoint_prob, "in [0, 1]")
         _check(m.alpha_dist in ("uniform", "log"), "method.alpha_dist", m.alpha_dist, "uniform or log")
+        _check(isinstance(m.bn_final_batches, int) and m.bn_final_batches >= 0, "method.bn_final_batches",
+               m.bn_final_batches, "an integer >= 0")
         if self.model.norm not in NORMS:
             raise LcsError(f"model.norm must be gn, in, ln or bn, got {self.model.norm!r}")
         if record.norms is not None and self.model.norm not in record.norms:

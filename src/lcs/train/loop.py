@@ -23,6 +23,7 @@ from ..eval.evaluate import evaluate_accuracy
 from ..files import dumps_json
 from ..regimes import record_of
 from ..subspace import Subspace
+from .bn_pass import estimate_bn_stats
 from .checkpoint import load_latest_intact, save_checkpoint
 from .config import Config, save_config
 from .distributed import init_distributed
@@ -114,6 +115,7 @@ class Trainer:
                                    nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
                                    weight_decay=cfg.optim.weight_decay)
         self.step = 0
+        self.bn_final_done = 0  # batches per row of the final BatchNorm pass already in the weights
         self.record = record_of(cfg.method.regime)
         self._phase: bool | None = None  # the regime's phase hook as last switched (None: not yet)
         if self.dist.is_main:
@@ -121,12 +123,15 @@ class Trainer:
         if resume:
             _, state = load_latest_intact(self.out, self.model, self.opt)
             self.step = int(state["step"])
+            self.bn_final_done = int(state.get("bn_final_batches", 0))
             if self.dist.is_main:
                 epoch = self.step // self.steps_per_epoch
+                pending = cfg.method.bn_final_batches and self.bn_final_done != cfg.method.bn_final_batches
                 print(f"resuming from step {self.step} (epoch {epoch} of {cfg.optim.epochs})" if
                       self.step < self.total_steps else
-                      f"the run in {self.out} is finished ({cfg.optim.epochs} epochs, step {self.step}): nothing to "
-                      f"train; raise --epochs to train further", flush=True)
+                      f"the run in {self.out} is finished ({cfg.optim.epochs} epochs, step {self.step}): "
+                      + ("only the final BatchNorm pass is left" if pending else
+                         "nothing to train; raise --epochs to train further"), flush=True)
             if self.dist.is_main:
                 self._truncate_log(self.step)
         if self.dist.is_main:
@@ -155,10 +160,7 @@ class Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for i, a in enumerate(alphas):
-            if isinstance(a, dict):  # a point of several levels, drawn as levels (any density with any bits)
-                levels.append(self.sub.set_levels(**self.method.schedule(a, step))[self.sub.config.level_name])
-            else:
-                levels.append(self.sub.set_alpha(a, self.method.schedule(self.sub.config.levels(a), step)))
+            levels.append(self.method.apply(self.sub, a, step))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = self.net(x)
                 ce = F.cross_entropy(out, y, label_smoothing=self.cfg.optim.label_smoothing)
@@ -225,11 +227,50 @@ class Trainer:
                 f.write(dumps_json(record) + "\n")
         if bar is not None:
             bar.close()
+        if (self.dist.is_main and self.step >= self.total_steps and cfg.method.bn_final_batches
+                and self.bn_final_done != cfg.method.bn_final_batches):
+            records.append(self.final_bn_pass())
         if self.dist.enabled:
             import torch.distributed as dist
 
             dist.barrier()  # nobody leaves (or tears the group down) while rank 0 still writes
         return records
+
+    def final_bn_pass(self) -> dict[str, Any]:
+        """Re-estimate the stored BatchNorm statistics with the final weights (``lcs.train.bn_pass``),
+        checkpoint them and log the validation accuracy at both ends before and after."""
+        cfg, n = self.cfg, self.cfg.method.bn_final_batches
+        t0 = time.perf_counter()
+        if self.method.phase_start is not None:  # the regime's phase as it was at the last step
+            self.record.phase(self.model, self.total_steps - 1 >= self.method.phase_start)
+        lo, hi = self.sub.alpha_range
+        before = {}
+        for tag, a in (("hi", hi), ("lo", lo)):
+            with self.sub.at(a):
+                before[tag], _ = evaluate_accuracy(self.model, self.data, self.device)
+        batches = (x for x, _ in train_batches(self.data, cfg.data.batch_size, epoch=cfg.optim.epochs,
+                                               seed=cfg.run.seed, augment=cfg.data.augment, device=self.device))
+        counts = estimate_bn_stats(self.sub, self.method, batches, step=self.total_steps - 1, batches_per_row=n,
+                                   seed=cfg.run.seed)
+        self.model.train()
+        record: dict[str, Any] = {"epoch": cfg.optim.epochs, "step": self.step, "bn_final_batches": n,
+                                  "bn_rows_estimated": sum(c > 0 for c in counts)}
+        for tag, a in (("hi", hi), ("lo", lo)):
+            with self.sub.at(a):
+                record[f"val_acc_{tag}"], record[f"val_loss_{tag}"] = evaluate_accuracy(
+                    self.model, self.data, self.device)
+            record[f"val_acc_{tag}_running_stats"] = before[tag]
+        record["seconds"] = time.perf_counter() - t0
+        self.bn_final_done = n
+        save_checkpoint(self.out, self.model, self.opt, {"epoch": cfg.optim.epochs, "step": self.step,
+                                                         "bn_final_batches": n},
+                        keep=cfg.run.keep_checkpoints, tag="bn")
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(dumps_json(record) + "\n")
+        print(f"BatchNorm statistics re-estimated ({n} batches per row, {record['bn_rows_estimated']} rows, "
+              f"{record['seconds']:.0f} s): val acc α={hi:g}: {before['hi']:.3f} -> {record['val_acc_hi']:.3f}  "
+              f"α={lo:g}: {before['lo']:.3f} -> {record['val_acc_lo']:.3f}", flush=True)
+        return record
 
     def _checkpoint(self, epoch: int) -> None:
         save_checkpoint(self.out, self.model, self.opt, {"epoch": epoch, "step": self.step},

@@ -182,6 +182,13 @@ class Method:
     terms: dict[str, tuple[float, LossTerm]] = field(default_factory=dict)
     phase_start: int | None = None
 
+    def apply(self, sub: Subspace, point: Any, step: int) -> float:
+        """Move ``sub`` to one drawn point (an α, or a dict of levels) with the schedule's levels at
+        ``step``; returns the point's compression level (what the progress bar shows)."""
+        if isinstance(point, dict):  # a point of several levels, drawn as levels (any density with any bits)
+            return sub.set_levels(**self.schedule(point, step))[sub.config.level_name]
+        return sub.set_alpha(point, self.schedule(sub.config.levels(point), step))
+
 
 class MethodSettings:
     """The fields of ``config.MethodConfig`` a builder reads (kept structural to avoid a cycle)."""

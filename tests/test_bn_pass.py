@@ -1,0 +1,133 @@
+"""The final BatchNorm pass: each statistics row becomes the plain average of its batches' statistics
+with the final weights (against a slow reference), every reachable row gets its batches, and the
+trainer runs it once, checkpoints it and does not redo it on resume."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lcs
+from lcs.train.bn_pass import batchnorms, estimate_bn_stats
+from lcs.train.config import load_config
+from lcs.train.loop import Trainer
+from lcs.train.methods import FixedSampler, Method, UniformSampler
+
+pytestmark = pytest.mark.filterwarnings("ignore:only .* compress")
+
+
+def _subspace() -> lcs.Subspace:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.BatchNorm2d(8), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(2, 3, 8, 8))
+    return lcs.convert(model, lcs.UnstructuredConfig(d_min=0.05, bn_stats_bins=4))
+
+
+def _batches(n: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 3, 8, 8, generator=gen) * (1 + i) + i for i in range(n)]
+
+
+def test_a_row_becomes_the_average_of_its_batches_statistics():
+    sub = _subspace()
+    alpha = 0.3
+    method = Method("fixed", "line", FixedSampler(alpha))
+    batches = _batches(3)
+    # the reference: each BN's input at α, batch by batch, with the model as it is (no update between)
+    inputs: dict[int, list[torch.Tensor]] = {}
+    bns = batchnorms(sub.model)
+    hooks = [bn.register_forward_hook(lambda m, i, o, k=k: inputs.setdefault(k, []).append(i[0].detach()))
+             for k, bn in enumerate(bns)]
+    sub.set_alpha(alpha)
+    sub.model.train()
+    with torch.no_grad():
+        for x in batches:
+            sub.model(x)
+    for h in hooks:
+        h.remove()
+    counts = estimate_bn_stats(sub, method, batches, step=0, batches_per_row=3)
+    row = sub.config.stats_row(alpha, sub.config.levels(alpha))
+    assert counts[row] == 3 and sum(counts) == 3
+    for k, bn in enumerate(bns):
+        mean = torch.stack([x.mean((0, 2, 3)) for x in inputs[k]]).mean(0)
+        var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in inputs[k]]).mean(0)
+        torch.testing.assert_close(bn.lcs_running_mean[row], mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.lcs_running_var[row], var, rtol=1e-5, atol=1e-5)
+        assert bn.momentum == 0.1  # restored
+
+
+def test_every_reachable_row_gets_its_batches_and_the_others_are_kept():
+    sub = _subspace()
+    before = {k: bn.lcs_running_mean.clone() for k, bn in enumerate(batchnorms(sub.model))}
+    lo, hi = sub.alpha_range
+    counts = estimate_bn_stats(sub, Method("u", "line", UniformSampler(lo, hi, log=True)), _batches(4), step=0,
+                               batches_per_row=2)
+    rows = sub.config.stats_rows
+    assert len(counts) == rows
+    reached = [r for r in range(rows) if counts[r]]
+    assert all(counts[r] == 2 for r in reached) and len(reached) >= rows - 2  # the endpoint rows need endpoint draws
+    for k, bn in enumerate(batchnorms(sub.model)):
+        for r in range(rows):
+            changed = not torch.equal(bn.lcs_running_mean[r], before[k][r])
+            assert changed == (counts[r] > 0)
+    assert sub.alpha == hi and sub.model.training  # state restored
+
+
+FAST = ["model.norm=bn", "method.bn_stats_bins=4", "data.batch_size=64", "optim.epochs=1",
+        "optim.warmup_epochs=0.5", "method.warmup=0.3", "run.progress=false", "method.bn_final_batches=2"]
+
+
+def test_the_trainer_runs_the_pass_once_checkpoints_it_and_resume_keeps_it(tmp_path, tiny_digits, capsys):
+    out = tmp_path / "run"
+    trainer = Trainer(load_config(None, FAST), out, data=tiny_digits)
+    records = trainer.fit()
+    last = records[-1]
+    assert last["bn_final_batches"] == 2 and last["bn_rows_estimated"] >= 4
+    assert {"val_acc_hi_running_stats", "val_acc_lo_running_stats"} <= set(last)
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["bn_final_batches"] == 2 and len(lines) == 2
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    assert latest.endswith("_bn")
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    # resuming the finished run: the pass is in the checkpoint, nothing runs again
+    again = Trainer(load_config(None, FAST), out, data=tiny_digits, resume=True)
+    assert again.bn_final_done == 2 and again.fit() == []
+    assert "nothing to train" in capsys.readouterr().out
+    for k, v in again.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    # asking for another pass on the finished run runs only that
+    more = Trainer(load_config(None, FAST[:-1] + ["method.bn_final_batches=3"]), out, data=tiny_digits, resume=True)
+    assert "only the final BatchNorm pass is left" in capsys.readouterr().out
+    assert [r["bn_final_batches"] for r in more.fit()] == [3]
+
+
+def test_bad_value_is_a_clear_error():
+    with pytest.raises(lcs.LcsError, match="method.bn_final_batches"):
+        load_config(None, ["method.bn_final_batches=-1"])
+
+
+def test_structured_switchable_batchnorm_rows_train_and_get_the_final_pass(tmp_path, tiny_digits):
+    """Structured LCS+P with one statistics row per width bin and one per end: the sandwich's draws
+    reach every row, and each width's network carries its own row."""
+    cfg = load_config(None, ["method.regime=structured", "method.name=lcs_p", "model.norm=bn",
+                             "method.bn_stats_bins=2", "method.bn_final_batches=1", "data.batch_size=64",
+                             "optim.epochs=1", "run.progress=false"])
+    trainer = Trainer(cfg, tmp_path / "s", data=tiny_digits)
+    assert trainer.sub.config.stats_rows == 4
+    last = trainer.fit()[-1]
+    assert last["bn_rows_estimated"] == 4
+    bn = next(m for m in trainer.model.modules() if hasattr(m, "lcs_running_mean"))
+    rows = bn.lcs_running_mean
+    assert all(not torch.equal(rows[i], rows[j]) for i in range(4) for j in range(i))
+    narrow, wide = (lcs.materialize(trainer.sub, a, input_shape=(3, 16, 16)) for a in (0.0, 1.0))
+    first = next(m for m in narrow.modules() if isinstance(m, nn.BatchNorm2d))
+    k = first.num_features
+    assert torch.equal(first.running_mean, rows[trainer.sub.config.stats_row(0.0, {"width": 0.25})][:k])
+    assert next(m for m in wide.modules() if isinstance(m, nn.BatchNorm2d)).num_features > k
+
+
+def test_us_keeps_one_shared_set_of_statistics():
+    cfg = load_config(None, ["method.regime=structured", "method.name=us", "method.bn_stats_bins=4"])
+    assert cfg.regime_config().stats_rows == 0
