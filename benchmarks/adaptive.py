@@ -28,7 +28,9 @@ from lcs.deploy.runtime import Runtime, save_subspace
 def main() -> None:
     keep_freed_memory()  # what the lcs CLI runs with (lcs.alloc)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--subspace", help="a subspace artifact (default: an untrained unstructured cPreResNet20 line)")
+    ap.add_argument("--subspace", help="a subspace artifact (default: an untrained cPreResNet20 line of --regime; "
+                                       "latency does not depend on training)")
+    ap.add_argument("--regime", default="unstructured", help="the regime of the default subspace")
     ap.add_argument("--seconds", type=float, default=12.0)
     ap.add_argument("--load-at", type=float, default=4.0)
     ap.add_argument("--batch", type=int, default=1)
@@ -39,9 +41,14 @@ def main() -> None:
         path = args.subspace
         if path is None:
             torch.manual_seed(0)
-            sub = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10), lcs.UnstructuredConfig())
+            from lcs.regimes import record_of
+
+            norm = record_of(args.regime).default_norms.get(None, "gn")
+            sub = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10, norm=norm),
+                              record_of(args.regime).config())
+            sub.input_shape = (3, 32, 32)
             path = str(Path(tmp) / "sub.safetensors")
-            save_subspace(sub, path, {"name": "cpreresnet20", "kwargs": {"num_classes": 10}})
+            save_subspace(sub, path, {"name": "cpreresnet20", "kwargs": {"num_classes": 10, "norm": norm}})
         rt = Runtime.load(path)
     shape = tuple(rt.header.get("input_shape", (3, 32, 32)))
     hi = rt.alpha_range[1]

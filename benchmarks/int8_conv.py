@@ -4,7 +4,9 @@ Three integer paths against their float references, per conv, interleaved in rou
 * onnxruntime ConvInteger (the unoptimized op) and QLinearConv (the fused QDQ op: u8 activations,
   s8 weights, requantized u8 output) against onnxruntime's float Conv;
 * PyTorch's fbgemm quantized conv (``torch.ao.nn.quantized.Conv2d``, AVX2 int8 kernels; input
-  quantized per call, output dequantized, both NCHW and channels-last inputs) against ``F.conv2d``.
+  quantized per call, output dequantized, both NCHW and channels-last inputs) against ``F.conv2d``;
+* an exact int8 GEMM (``torch._int_mm``, oneDNN) on channels-last columns, int32 sums, float output
+  (what a quantized lcs conv computes, with no requantization of its output) against ``F.conv2d``.
 
 A quantized lcs network computes conv(DQ(x), DQ(w)): both operands on a b-bit grid (b ≤ 8), the
 output in float. onnxruntime expresses exactly that with integer kernels as
@@ -89,7 +91,8 @@ def build(layer: dict, kind: str) -> bytes:
     return model.SerializeToString()
 
 
-PAIRS = [("integer", "float"), ("qlinear", "float"), ("fbgemm", "torch_float"), ("fbgemm_nhwc", "torch_float")]
+PAIRS = [("integer", "float"), ("qlinear", "float"), ("fbgemm", "torch_float"), ("fbgemm_nhwc", "torch_float"),
+         ("int_mm", "torch_float")]
 
 
 def _ort_fn(session, x):
@@ -112,8 +115,33 @@ def _torch_fns(layer: dict, x_np) -> dict:
     def fbgemm(inp):
         return lambda: q(torch.quantize_per_tensor(inp, 0.02, 0, torch.quint8)).dequantize()
 
+    k, stride, pad = layer["k"], layer["stride"], layer["pad"]
+    w_codes = torch.randint(-127, 128, (layer["cout"], layer["cin"], k, k), dtype=torch.int8)
+    w_kc = w_codes.permute(2, 3, 1, 0).reshape(k * k * layer["cin"], layer["cout"]).contiguous()  # (kh·kw·C, O)
+    w_sum = w_kc.sum(0, dtype=torch.int32)
+
+    def int_mm():
+        """Exact int8 × int8 → int32 GEMM (oneDNN, ``torch._int_mm``) on channels-last columns: the
+        input quantized to unsigned codes, shifted to int8, the shift undone with the weights' sums;
+        the output in float, as lcs's fake-quantized conv gives it."""
+        n, c, h, wd = x.shape
+        codes = torch.clamp(torch.round(x * 50.0), 0, 255).sub_(128).to(torch.int8)  # scale 0.02, zero point 0
+        t = codes.permute(0, 2, 3, 1)  # N, H, W, C (a view)
+        if pad:
+            t = F.pad(t.permute(0, 3, 1, 2), (pad,) * 4, value=-128).permute(0, 2, 3, 1)
+        if k == 1:
+            t = t[:, ::stride, ::stride]
+            ho, wo = t.shape[1], t.shape[2]
+            cols = t.reshape(n * ho * wo, c)
+        else:
+            win = t.unfold(1, k, stride).unfold(2, k, stride)  # N, Ho, Wo, C, kh, kw
+            ho, wo = win.shape[1], win.shape[2]
+            cols = win.permute(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, k * k * c)
+        acc = torch._int_mm(cols, w_kc) + 128 * w_sum  # (N·Ho·Wo, O) int32, exact
+        return (acc.to(torch.float32) * (0.02 * 0.004)).view(n, ho, wo, -1).permute(0, 3, 1, 2)
+
     return {"torch_float": lambda: F.conv2d(x, w, None, layer["stride"], layer["pad"]),
-            "fbgemm": fbgemm(x), "fbgemm_nhwc": fbgemm(x_nhwc)}
+            "fbgemm": fbgemm(x), "fbgemm_nhwc": fbgemm(x_nhwc), "int_mm": int_mm}
 
 
 def _interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:

@@ -131,3 +131,12 @@ def test_structured_switchable_batchnorm_rows_train_and_get_the_final_pass(tmp_p
 def test_us_keeps_one_shared_set_of_statistics():
     cfg = load_config(None, ["method.regime=structured", "method.name=us", "method.bn_stats_bins=4"])
     assert cfg.regime_config().stats_rows == 0
+
+
+def test_training_further_after_a_pass_runs_it_again(tmp_path, tiny_digits):
+    out = tmp_path / "run"
+    Trainer(load_config(None, FAST), out, data=tiny_digits).fit()
+    longer = Trainer(load_config(None, FAST[:3] + ["optim.epochs=2"] + FAST[4:]), out, data=tiny_digits, resume=True)
+    assert longer.bn_final_done == 2  # from the pass's checkpoint
+    records = longer.fit()
+    assert [r["epoch"] for r in records] == [2, 2] and records[-1]["bn_final_batches"] == 2

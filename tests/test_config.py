@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from lcs.errors import LcsError
@@ -68,3 +70,11 @@ def test_device_flags_and_pipeline_keys():
     assert (defaults.run.amp, defaults.run.channels_last, defaults.data.pipeline) == (None, None, "auto")
     assert load_config(None, ["run.amp=none"]).run.amp is None
     assert load_config(None, ["run.device=cuda:1"]).run.device == "cuda:1"  # checked against the machine later
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_validates(path):
+    """The recipes in configs/ are what the README tells users to run: an unknown or misspelled key
+    there must fail here, not in the middle of someone's hour-long run."""
+    cfg = load_config(str(path), ["data.root=/data/cifar10"])  # where the user's data is: not in the recipe
+    assert cfg.regime_config() is not None

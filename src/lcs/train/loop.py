@@ -227,6 +227,8 @@ class Trainer:
                 f.write(dumps_json(record) + "\n")
         if bar is not None:
             bar.close()
+        if records:
+            self.bn_final_done = 0  # steps were taken since any earlier pass: its statistics are stale
         if (self.dist.is_main and self.step >= self.total_steps and cfg.method.bn_final_batches
                 and self.bn_final_done != cfg.method.bn_final_batches):
             records.append(self.final_bn_pass())
