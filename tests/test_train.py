@@ -145,3 +145,25 @@ def test_cuda_bf16_channels_last_training(tmp_path, tiny_digits):
     # the training forwards ran in bf16; the evaluations after the epoch run in float32
     assert seen[:trainer.step] == [torch.bfloat16] * trainer.step and torch.float32 in seen[trainer.step:]
     assert math.isfinite(records[-1]["train_loss"]) and 0.0 <= records[-1]["val_acc_hi"] <= 1.0
+
+
+@pytest.mark.parametrize("regime, target", [("unstructured", "0.1"), ("quantized", "4")])
+def test_a_target_baseline_is_validated_at_its_target(tmp_path, tiny_digits, regime, target, monkeypatch):
+    """Its epoch curve is the trained network's, not that of the range's ends it never trains."""
+    import lcs.train.loop as loop
+
+    seen = []
+    real = loop.evaluate_accuracy
+
+    def spy(model, data, device):
+        seen.append(dict(trainer.sub.state.levels))
+        return real(model, data, device)
+
+    monkeypatch.setattr(loop, "evaluate_accuracy", spy)
+    cfg = load_config(None, ["data.batch_size=64", "optim.epochs=1", "run.progress=false", "method.name=target",
+                             f"method.regime={regime}", f"method.target={target}"])
+    trainer = Trainer(cfg, tmp_path / "t", data=tiny_digits)
+    record = trainer.fit()[-1]
+    level = {"unstructured": "density", "quantized": "bits"}[regime]
+    assert [s[level] for s in seen] == [float(target) if regime == "unstructured" else int(target)]  # once
+    assert record["val_acc_lo"] == record["val_acc_hi"]

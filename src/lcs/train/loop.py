@@ -211,15 +211,13 @@ class Trainer:
             record = {"epoch": epoch + 1, "step": self.step, "lr": self.opt.param_groups[0]["lr"],
                       "train_loss": loss_sum / max(n, 1), "train_acc": acc_sum / max(n, 1),
                       "img_per_s": seen / max(elapsed, 1e-9), "epoch_seconds": elapsed}
-            lo, hi = self.sub.alpha_range
-            for tag, a in (("hi", hi), ("lo", lo)):
-                with self.sub.at(a):
-                    record[f"val_acc_{tag}"], record[f"val_loss_{tag}"] = evaluate_accuracy(
-                        self.model, self.data, self.device)
+            lo, hi = self._val_range()
+            record.update(self._validate(lo, hi))
             records.append(record)
             say = bar.write if bar is not None else (lambda msg: print(msg, flush=True))
+            lo_part = f"  α={lo:g}: {record['val_acc_lo']:.3f}" if lo != hi else ""
             say(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {record['train_loss']:.3f}  "
-                f"val acc α={hi:g}: {record['val_acc_hi']:.3f}  α={lo:g}: {record['val_acc_lo']:.3f}  "
+                f"val acc α={hi:g}: {record['val_acc_hi']:.3f}{lo_part}  "
                 f"({record['img_per_s']:.0f} img/s, {elapsed:.0f} s)")
             if (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch + 1 == last_epoch:
                 self._checkpoint(epoch + 1)
@@ -245,11 +243,8 @@ class Trainer:
         t0 = time.perf_counter()
         if self.method.phase_start is not None:  # the regime's phase as it was at the last step
             self.record.phase(self.model, self.total_steps - 1 >= self.method.phase_start)
-        lo, hi = self.sub.alpha_range
-        before = {}
-        for tag, a in (("hi", hi), ("lo", lo)):
-            with self.sub.at(a):
-                before[tag], _ = evaluate_accuracy(self.model, self.data, self.device)
+        lo, hi = self._val_range()
+        before = {tag: v for tag, v in self._validate(lo, hi).items() if tag.startswith("val_acc")}
         batches = (x for x, _ in train_batches(self.data, cfg.data.batch_size, epoch=cfg.optim.epochs,
                                                seed=cfg.run.seed, augment=cfg.data.augment, device=self.device))
         counts = estimate_bn_stats(self.sub, self.method, batches, step=self.total_steps - 1, batches_per_row=n,
@@ -257,11 +252,8 @@ class Trainer:
         self.model.train()
         record: dict[str, Any] = {"epoch": cfg.optim.epochs, "step": self.step, "bn_final_batches": n,
                                   "bn_rows_estimated": sum(c > 0 for c in counts)}
-        for tag, a in (("hi", hi), ("lo", lo)):
-            with self.sub.at(a):
-                record[f"val_acc_{tag}"], record[f"val_loss_{tag}"] = evaluate_accuracy(
-                    self.model, self.data, self.device)
-            record[f"val_acc_{tag}_running_stats"] = before[tag]
+        record.update(self._validate(lo, hi))
+        record.update({f"{k}_running_stats": v for k, v in before.items()})
         record["seconds"] = time.perf_counter() - t0
         self.bn_final_done = n
         save_checkpoint(self.out, self.model, self.opt, {"epoch": cfg.optim.epochs, "step": self.step,
@@ -269,10 +261,26 @@ class Trainer:
                         keep=cfg.run.keep_checkpoints, tag="bn")
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(dumps_json(record) + "\n")
+        change = {tag: f"{before[f'val_acc_{tag}']:.3f} -> {record[f'val_acc_{tag}']:.3f}" for tag in ("hi", "lo")}
         print(f"BatchNorm statistics re-estimated ({n} batches per row, {record['bn_rows_estimated']} rows, "
-              f"{record['seconds']:.0f} s): val acc α={hi:g}: {before['hi']:.3f} -> {record['val_acc_hi']:.3f}  "
-              f"α={lo:g}: {before['lo']:.3f} -> {record['val_acc_lo']:.3f}", flush=True)
+              f"{record['seconds']:.0f} s): val acc α={hi:g}: {change['hi']}"
+              + (f"  α={lo:g}: {change['lo']}" if lo != hi else ""), flush=True)
         return record
+
+    def _val_range(self) -> tuple[float, float]:
+        return self.method.val_range or self.sub.alpha_range
+
+    def _validate(self, lo: float, hi: float) -> dict[str, float]:
+        """Validation accuracy and loss at the accurate (``hi``) and efficient (``lo``) α, evaluated
+        once when they are the same point."""
+        out: dict[str, float] = {}
+        for tag, a in (("hi", hi), ("lo", lo)):
+            if tag == "lo" and lo == hi:
+                out["val_acc_lo"], out["val_loss_lo"] = out["val_acc_hi"], out["val_loss_hi"]
+                continue
+            with self.sub.at(a):
+                out[f"val_acc_{tag}"], out[f"val_loss_{tag}"] = evaluate_accuracy(self.model, self.data, self.device)
+        return out
 
     def _checkpoint(self, epoch: int) -> None:
         save_checkpoint(self.out, self.model, self.opt, {"epoch": epoch, "step": self.step},

@@ -181,6 +181,9 @@ class Method:
     schedule: Callable[[dict[str, float], int], dict[str, float]] = _identity_schedule
     terms: dict[str, tuple[float, LossTerm]] = field(default_factory=dict)
     phase_start: int | None = None
+    # the (efficient, accurate) α the trainer validates after each epoch; None: the subspace's range.
+    # A method that trains one point (a target baseline) is validated there, not at ends it never trains.
+    val_range: tuple[float, float] | None = None
 
     def apply(self, sub: Subspace, point: Any, step: int) -> float:
         """Move ``sub`` to one drawn point (an α, or a dict of levels) with the schedule's levels at
@@ -251,8 +254,10 @@ def build_method(settings: MethodSettings, regime_name: str, method_name: str, r
         weight = getattr(settings, weight_key)
         if weight > 0 and (name != "cos2" or spec.geometry == "line"):
             terms[name] = (weight, fn)
-    return Method(method_name, spec.geometry, _sampler(spec.sampler, settings, regime, record), schedule, terms,
-                  phase_start=warmup if spec.phase else None)
+    sampler = _sampler(spec.sampler, settings, regime, record)
+    fixed = sampler.alpha if isinstance(sampler, FixedSampler) else None
+    return Method(method_name, spec.geometry, sampler, schedule, terms, phase_start=warmup if spec.phase else None,
+                  val_range=None if fixed is None else (fixed, fixed))
 
 
 def methods_of(regime_name: str) -> dict[str, MethodSpec]:
