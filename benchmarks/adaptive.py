@@ -56,12 +56,12 @@ def main() -> None:
     rt.set_alpha(hi)
     unloaded = statistics.median(measure_latency(rt, torch.randn(args.batch, *shape), repeats=30))
     budget = args.budget_factor * unloaded
-    result = run_scenario(rt, profile, budget, args.seconds, args.load_at, args.batch, shape)
+    result = run_scenario(rt, profile, budget, args.seconds, args.load_at, args.batch, shape, compare_threads=True)
     s = result["summary"]
     print(f"regime {rt.regime}, budget {budget:.2f} ms "
           f"(= {args.budget_factor} × {unloaded:.2f} ms unloaded at α={hi:g})")
-    for name in ("controller", "fixed"):
-        print(f"{name:>10}: {s[name]['over_budget']:.1%} over budget overall, "
+    for name in result["summary"]:
+        print(f"{name:>24}: {s[name]['over_budget']:.1%} over budget overall, "
               f"{s[name]['over_budget_under_load']:.1%} under load, mean α {s[name]['mean_alpha']:.3f}")
     if s["controller"]["infeasible_requests"]:
         print(f"no α met the budget for {s['controller']['infeasible_requests']} requests at the measured load "

@@ -13,6 +13,7 @@ import torch
 
 from .controller import BudgetController
 from .runtime import Runtime
+from .threads import ThreadGovernor
 
 __all__ = ["run_scenario", "start_competitor", "timeline"]
 
@@ -52,15 +53,19 @@ def _serve(step, seconds: float, load_at: float, x: torch.Tensor) -> list[dict[s
 
 
 def run_scenario(rt: Runtime, profile: list[dict[str, Any]], budget_ms: float, seconds: float, load_at: float,
-                 batch: int = 1, input_shape: tuple[int, int, int] = (3, 32, 32)) -> dict[str, Any]:
-    """Two runs of ``seconds`` each with a competitor from ``load_at``: the controller, then α fixed at
-    the accurate end. Returns both traces and their over-budget fractions (overall and under load)."""
+                 batch: int = 1, input_shape: tuple[int, int, int] = (3, 32, 32),
+                 compare_threads: bool = False) -> dict[str, Any]:
+    """Runs of ``seconds`` each with a competitor from ``load_at``: the controller (choosing α and,
+    from the CPU time the competitor takes, the thread count), then α fixed at the accurate end;
+    with ``compare_threads`` also the controller with the threads left alone, in between. Returns
+    the traces and their over-budget fractions (overall and under load)."""
     x = torch.randn(batch, *input_shape)
-    ctl = BudgetController(rt, profile, budget_ms, batch=batch)
 
-    def controlled(inp: torch.Tensor) -> dict[str, Any]:
-        _, d = ctl(inp)
-        return {"alpha": d.alpha, "latency_ms": d.latency_ms, "feasible": d.feasible}
+    def controlled(ctl: BudgetController):
+        def step(inp: torch.Tensor) -> dict[str, Any]:
+            _, d = ctl(inp)
+            return {"alpha": d.alpha, "latency_ms": d.latency_ms, "feasible": d.feasible, "threads": d.threads}
+        return step
 
     hi = rt.alpha_range[1]
 
@@ -70,8 +75,18 @@ def run_scenario(rt: Runtime, profile: list[dict[str, Any]], budget_ms: float, s
         rt(inp)
         return {"alpha": hi, "latency_ms": (time.perf_counter() - t0) * 1e3, "feasible": True}
 
-    traces = {"controller": _serve(controlled, seconds, load_at, x)}
-    time.sleep(1.0)  # let the first competitor's load fade
+    governor = ThreadGovernor()
+    try:
+        traces = {"controller": _serve(controlled(BudgetController(rt, profile, budget_ms, batch=batch,
+                                                                  governor=governor)), seconds, load_at, x)}
+    finally:
+        governor.restore()
+    if compare_threads:
+        time.sleep(1.0)  # let the competitor's load fade
+        rt.set_alpha(hi)
+        traces["controller_fixed_threads"] = _serve(controlled(BudgetController(rt, profile, budget_ms, batch=batch)),
+                                                    seconds, load_at, x)
+    time.sleep(1.0)
     rt.set_alpha(hi)
     traces["fixed"] = _serve(fixed, seconds, load_at, x)
     summary = {}
@@ -82,6 +97,10 @@ def run_scenario(rt: Runtime, profile: list[dict[str, Any]], budget_ms: float, s
                          "over_budget_under_load": sum(loaded) / max(len(loaded), 1),
                          "mean_alpha": sum(r["alpha"] for r in trace) / max(len(trace), 1),
                          "infeasible_requests": sum(not r["feasible"] for r in trace)}
+        threads = [r["threads"] for r in trace if r.get("threads") is not None]
+        if threads:
+            summary[name]["mean_threads_under_load"] = (
+                sum(r["threads"] for r in trace if r["loaded"]) / max(1, sum(r["loaded"] for r in trace)))
     return {"budget_ms": budget_ms, "seconds": seconds, "load_at": load_at, "batch": batch,
             "summary": summary, "traces": traces}
 

@@ -16,6 +16,11 @@ before the next attempt (up to ``max_dwell`` requests), the way TCP backs off: a
 persists costs a few over-budget requests in all, not one per dwell; a move up that holds resets it,
 and so does the load going away (the load factor falling ``jump``× below the one the failed move
 trusted).
+
+With a ``governor`` (``lcs.deploy.threads.ThreadGovernor``) it also runs with as many threads as
+the other processes leave cores free: on a contended CPU an OpenMP runtime with a thread per core
+stalls at every barrier (a 657 ms 90th percentile at batch 32 here, against 32 ms with one thread
+fewer), which no α can make up for. A change of thread count starts the load estimate afresh.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 
 from ..errors import LcsError
 from .runtime import Runtime
+from .threads import ThreadGovernor
 
 __all__ = ["BudgetController", "Decision"]
 
@@ -44,6 +50,7 @@ class Decision:
     predicted_ms: float
     load_factor: float
     feasible: bool  # False when even the most efficient α is predicted over budget
+    threads: int | None = None  # the intra-op threads the request ran with (with a governor)
 
 
 class BudgetController:
@@ -60,6 +67,7 @@ class BudgetController:
         dwell: requests to stay at an α after switching.
         jump: a measured slowdown this far (×) from the load factor replaces it instead of being smoothed.
         max_dwell: the longest wait before moving up again after moves up kept failing.
+        governor: sets the thread count from the CPU time other processes take (None: threads untouched).
         window, quantile: predictions scale the profile by this quantile of the last ``window`` ratios of
             measured to profiled latency (1.0: the worst; 0.5: the median).
         clock: seconds, monotonic (tests pass a simulated one).
@@ -68,7 +76,7 @@ class BudgetController:
     def __init__(self, rt: Runtime, profile: Sequence[dict[str, Any]] | dict[str, Any] | str | os.PathLike,
                  budget_ms: float, *, batch: int = 1, smoothing: float = 0.3, margin: float = 0.15, dwell: int = 3,
                  jump: float = 1.5, window: int = 16, quantile: float = 0.9, max_dwell: int = 64,
-                 clock=time.perf_counter):
+                 governor: ThreadGovernor | None = None, clock=time.perf_counter):
         if isinstance(profile, (str, os.PathLike)):
             with open(profile) as f:
                 profile = json.load(f)
@@ -95,6 +103,9 @@ class BudgetController:
         self._moved_up_from: float | None = None  # the α left by the last move up, while it is on trial
         self._trusted_factor: float | None = None  # the load factor a failed move up trusted
         self.failed_moves = 0
+        self.governor = governor
+        self._fresh = False  # the next measurement replaces the load factor (threads just changed)
+        self._over = False  # the last request went over budget
         self.feasible = True
 
     def profiled_ms(self, alpha: float) -> float:
@@ -138,7 +149,8 @@ class BudgetController:
         arriving or going away: over ``jump``× off) replaces it at once, so the next request already
         jumps to the α that fits; small deviations are smoothed, so noise does not make α flicker."""
         ratio = latency_ms / max(self.profiled_ms(alpha), 1e-6)
-        if ratio > self.jump * self.load_factor or ratio * self.jump < self.load_factor:
+        if self._fresh or ratio > self.jump * self.load_factor or ratio * self.jump < self.load_factor:
+            self._fresh = False
             self.load_factor = ratio
             self._ratios.clear()  # the old load's ratios say nothing about the new one
         else:
@@ -161,7 +173,11 @@ class BudgetController:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, Decision]:
-        """Choose α, switch if needed, run the request, learn from its latency."""
+        """Set the threads (with a governor), choose α, switch if needed, run the request, learn
+        from its latency."""
+        if self.governor is not None and self.governor.decide(force=self._over) is not None:
+            self._ratios.clear()
+            self._fresh = True
         alpha = self.choose()
         current = self.rt.alpha
         if alpha != current:
@@ -176,4 +192,6 @@ class BudgetController:
         ms = (self.clock() - t0) * 1e3
         self.observe(alpha, ms)
         self._judge_move_up(ms, trusted)
-        return y, Decision(alpha, ms, predicted, self.load_factor, self.feasible)
+        self._over = ms > self.budget_ms  # the governor looks again at once
+        threads = self.governor.threads if self.governor is not None else None
+        return y, Decision(alpha, ms, predicted, self.load_factor, self.feasible, threads)
