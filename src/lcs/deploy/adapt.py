@@ -97,8 +97,7 @@ def run_scenario(rt: Runtime, profile: list[dict[str, Any]], budget_ms: float, s
                          "over_budget_under_load": sum(loaded) / max(len(loaded), 1),
                          "mean_alpha": sum(r["alpha"] for r in trace) / max(len(trace), 1),
                          "infeasible_requests": sum(not r["feasible"] for r in trace)}
-        threads = [r["threads"] for r in trace if r.get("threads") is not None]
-        if threads:
+        if any(r.get("threads") is not None for r in trace):
             summary[name]["mean_threads_under_load"] = (
                 sum(r["threads"] for r in trace if r["loaded"]) / max(1, sum(r["loaded"] for r in trace)))
     return {"budget_ms": budget_ms, "seconds": seconds, "load_at": load_at, "batch": batch,

@@ -35,10 +35,10 @@ FORMAT = "lcs.compressed"
 VERSION = 2  # 2: shared blobs, entropy-coded positions; 1 (still read): one entry per tensor part
 
 
-def _coded_weights(model: nn.Module) -> dict[str, Any]:
+def _coded_weights(quants: dict[str, Any]) -> dict[str, Any]:
     """{weight name: its layer's input quantizer} for every weight stored as integer codes (its layer
-    recorded the weight's scale and zero point when it was baked)."""
-    return {f"{fqn}.weight": lq for fqn, lq in layer_quants(model).items() if hasattr(lq, "weight_scale")}
+    recorded the weight's scale and zero point when it was baked); ``quants``: ``layer_quants(model)``."""
+    return {f"{fqn}.weight": lq for fqn, lq in quants.items() if hasattr(lq, "weight_scale")}
 
 
 def check_version(path: str, header: dict[str, Any], newest: int, what: str) -> int:
@@ -88,7 +88,7 @@ def encode_state(model: nn.Module, meta: dict[str, Any] | None = None
         if rec is not None:
             allowed = tuple(rec.encoders) + ("dense",)
     quants = layer_quants(model)
-    coded = _coded_weights(model)
+    coded = _coded_weights(quants)
     writer = Writer()
     for name, t in model.state_dict().items():
         if name in coded:
@@ -148,7 +148,7 @@ def information_limit_bytes(model: nn.Module) -> float:
     their positions, n·H(nnz/n) (``lcs.codec``); no header, no names. The artifact is measured against it."""
     from ..codec import information_limit_bits
 
-    coded = {name: lq.current_bits() for name, lq in _coded_weights(model).items()}
+    coded = {name: lq.current_bits() for name, lq in _coded_weights(layer_quants(model)).items()}
     bits = 0.0
     for name, t in model.state_dict().items():
         if not t.is_floating_point():

@@ -14,7 +14,7 @@ from ..layers.parametrizations import TopK
 from ..layers.select import default_filter
 from .base import MethodSpec, Regime, RegimeConfig, check_alpha, check_level, check_whole
 
-__all__ = ["UnstructuredConfig", "REGIME", "DENSITY_GRID", "check_whole", "d_min_settings", "add_topk"]
+__all__ = ["UnstructuredConfig", "REGIME", "DENSITY_GRID", "d_min_settings", "add_topk"]
 
 # The default evaluation grid, in densities (SPEC §4).
 DENSITY_GRID = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)

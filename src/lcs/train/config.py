@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import LcsError
 from ..regimes import REGISTRY, RegimeConfig, record_of
+from ..regimes.base import check_whole
 
 __all__ = ["default_norm", "Config", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "RunConfig",
            "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "save_config"]
@@ -164,8 +165,7 @@ class Config:
         _check(m.beta >= 0, "method.beta", m.beta, ">= 0")
         _check(0 <= m.endpoint_prob <= 1, "method.endpoint_prob", m.endpoint_prob, "in [0, 1]")
         _check(m.alpha_dist in ("uniform", "log"), "method.alpha_dist", m.alpha_dist, "uniform or log")
-        _check(isinstance(m.bn_final_batches, int) and m.bn_final_batches >= 0, "method.bn_final_batches",
-               m.bn_final_batches, "an integer >= 0")
+        check_whole(m.bn_final_batches, "method.bn_final_batches")
         if self.model.norm not in NORMS:
             raise LcsError(f"model.norm must be gn, in, ln or bn, got {self.model.norm!r}")
         if record.norms is not None and self.model.norm not in record.norms:
