@@ -58,3 +58,18 @@ def test_cos2_matches_hand_computation():
     assert float(cos2([(a1, b1), (a2, b2)])) == pytest.approx(0.1)
     assert float(cos2([(a1, a1)])) == pytest.approx(1.0)
     assert float(cos2([(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0]))])) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("density", [0.0001, 0.025, 0.5, 0.5001, 0.9, 0.999])
+def test_topk_no_grad_path_equals_masked_weight(density):
+    # A deploy-time switch (no grad) skips the mask; the values must be those training computes.
+    torch.manual_seed(1)
+    w = torch.randn(32, 16, 3, 3)
+    w[0, 0] = 0.25  # ties across the threshold's neighbourhood
+    k = num_kept(w.numel(), density)
+    with torch.no_grad():
+        fast = topk_sparsify(w, density)
+    reference = w * topk_mask(w, k)
+    assert torch.equal(fast, reference)
+    assert int((fast != 0).sum()) == k
+    assert fast.shape == w.shape

@@ -52,6 +52,40 @@ def test_runtime_outputs_equal_training_side(artifact):
     assert not any(hasattr(m, "parametrizations") for m in rt.network.modules())
 
 
+def test_switch_cache_reuses_networks_and_evicts_by_size(artifact):
+    _, sub, path, _ = artifact
+    x = torch.randn(2, 3, 32, 32)
+    rt = Runtime.load(path)
+    rt.set_alpha(0.1)
+    net_01 = rt.network
+    rt.set_alpha(0.5)
+    assert not rt.last_switch_cached
+    rt.set_alpha(0.1)  # a return visit: the same network object, not a re-bake
+    assert rt.last_switch_cached and rt.network is net_01
+    with sub.at(0.1), torch.no_grad():
+        assert torch.allclose(rt(x), sub.model(x), atol=1e-5)
+    assert rt.cached_points == 3  # 1.0 (where it starts), 0.1, 0.5
+    rt.clear_cache()
+    rt.set_alpha(1.0)
+    assert not rt.last_switch_cached and rt.cached_points == 1
+    # a cache that holds about one network's compressed weights keeps only the latest
+    own = sum(p.numel() * 4 for name, p in rt.network.named_parameters() if name.endswith("weight")
+              and p.dim() > 1)
+    small = Runtime.load(path, cache_mb=1.5 * own / 2**20)
+    for a in (0.1, 0.5, 1.0):
+        small.set_alpha(a)
+    assert small.cached_points == 1
+    small.set_alpha(0.1)
+    assert not small.last_switch_cached
+    # cache_mb=0 bakes on every move
+    none = Runtime.load(path, cache_mb=0)
+    none.set_alpha(0.1)
+    none.set_alpha(0.1)
+    assert not none.last_switch_cached and none.cached_points == 0
+    with pytest.raises(ValueError, match="cache_mb"):
+        Runtime.load(path, cache_mb=-1)
+
+
 @pytest.mark.parametrize("bad", [1.5, -0.1, 0.0, float("nan")])
 def test_runtime_rejects_alpha_outside_range(artifact, bad):
     rt = Runtime.load(artifact[2])

@@ -290,6 +290,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 _PROFILE_COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("width", "width", "{:.3f}"),
                     ("bits", "bits", "{:d}"),
                     ("switch_ms", "switch ms", "{:.2f}"),
+                    ("cached_switch_ms", "return ms", "{:.3f}"),
                     ("first_batch_ms", "1st batch ms", "{:.2f}")]
 
 

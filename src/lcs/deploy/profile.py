@@ -47,8 +47,9 @@ def p90(values: Sequence[float]) -> float:
 
 def profile_runtime(rt: Runtime, grid: Sequence[Any], batches: Sequence[int], input_shape: tuple[int, int, int],
                     *, data=None, repeats: int = 20, progress=None) -> list[dict[str, Any]]:
-    """One record per α: ``switch_ms`` (median of 3 switches into α), ``first_batch_ms`` (the
-    first forward after a switch, batch ``batches[0]``), ``latency_ms_b{B}`` / ``p90_ms_b{B}`` per
+    """One record per α: ``switch_ms`` (median of 3 first visits of α: the bake), ``first_batch_ms``
+    (the first forward after it, batch ``batches[0]``), ``cached_switch_ms`` (a return visit, from
+    the runtime's cache; 0-MiB caches bake again), ``latency_ms_b{B}`` / ``p90_ms_b{B}`` per
     batch size, ``params``, ``nonzero_params``, ``macs``, ``bytes`` and, with data, ``accuracy``."""
     records = []
     lo, hi = rt.alpha_range
@@ -56,21 +57,27 @@ def profile_runtime(rt: Runtime, grid: Sequence[Any], batches: Sequence[int], in
     for alpha in grid:
         rec: dict[str, Any] = {"alpha": alpha}  # a dict of levels on multi-level points: dropped below
         other = hi if alpha != hi else lo
-        switches, firsts = [], []
+        switches, firsts, cached = [], [], []
         x0 = torch.randn(batches[0], *input_shape)
         for _ in range(3):
             rt.set_alpha(other)
             rt(x0)
+            rt.clear_cache()  # a first visit: the network at α is baked
             t0 = time.perf_counter()
             rec.update(rt.move(alpha))
             switches.append((time.perf_counter() - t0) * 1e3)
             t0 = time.perf_counter()
             rt(x0)
             firsts.append((time.perf_counter() - t0) * 1e3)
+            rt.set_alpha(other)
+            t0 = time.perf_counter()
+            rt.move(alpha)  # a return visit: from the runtime's cache
+            cached.append((time.perf_counter() - t0) * 1e3)
         if isinstance(alpha, dict):  # a point of levels has no α of its own
             del rec["alpha"]
         rec["switch_ms"] = statistics.median(switches)
         rec["first_batch_ms"] = statistics.median(firsts)
+        rec["cached_switch_ms"] = statistics.median(cached)
         for b in batches:
             reps = repeats if b <= 8 else max(5, repeats // 4)  # big batches: fewer, longer runs
             times = measure_latency(rt, torch.randn(b, *input_shape), repeats=reps)

@@ -208,9 +208,10 @@ class LayerQuant(nn.Module):
         self.act_active.fill_(self.active)
 
     def set_weight_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        self.register_buffer("weight_scale", scale.detach().float().reshape(()).clone(), persistent=False)
-        self.register_buffer("weight_zero_point", zero_point.detach().to(torch.int32).reshape(()).clone(),
-                             persistent=False)
+        # written into the buffer dict directly: register_buffer's checks cost a switch ~0.8 ms on 21 layers
+        self._buffers["weight_scale"] = scale.detach().float().reshape(()).clone()
+        self._buffers["weight_zero_point"] = zero_point.detach().to(torch.int32).reshape(()).clone()
+        self._non_persistent_buffers_set.update(("weight_scale", "weight_zero_point"))
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
