@@ -77,3 +77,44 @@ def test_a_request_over_budget_makes_the_governor_look_at_once(monkeypatch):
     assert gov.decide(force=True) == 1 and reads == [0.05]
     now[0] = 1.0
     assert gov.decide() is None and reads == [0.05]  # the interval is long
+
+
+class ThreadedRuntime(FakeRuntime):
+    """Latency per (α, threads): the sparse end barely slows with one thread, the dense end doubles
+    (ResNet18's CSR layers against its dense convs, measured in docs/results.md)."""
+
+    TABLE = {2: {0.025: 2.0, 0.5: 6.0, 1.0: 10.0}, 1: {0.025: 2.2, 0.5: 11.5, 1.0: 19.0}}
+
+    def __init__(self):
+        super().__init__()
+        self.threads = 2
+
+    def __call__(self, x):
+        self.now += self.TABLE[self.threads][self.alpha] / 1e3
+        return x
+
+
+@pytest.mark.parametrize("per_thread", [True, False])
+def test_controller_predicts_from_the_profile_of_its_thread_count(monkeypatch, per_thread):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    rt = ThreadedRuntime()
+    profile = [{"alpha": a, "latency_ms_b1": ms, **({f"latency_ms_b1_t{t}": ThreadedRuntime.TABLE[t][a]
+                                                    for t in (1, 2)} if per_thread else {})}
+               for a, ms in ThreadedRuntime.TABLE[2].items()]
+    others = [0.0]
+
+    def set_threads(n):
+        rt.threads = n
+
+    gov = ThreadGovernor(2, interval=0.0, share=lambda: others[0], set_threads=set_threads, clock=rt.clock)
+    ctl = BudgetController(rt, profile, 11.0, governor=gov, clock=rt.clock)
+    for _ in range(20):
+        ctl(torch.zeros(1))
+    assert rt.alpha == 1.0
+    others[0] = 1.0  # a competitor takes a core: one thread from now on
+    over = sum(ctl(torch.zeros(1))[1].latency_ms > 11.0 for _ in range(300))
+    if per_thread:
+        assert over == 0 and rt.alpha == 0.025  # 0.5 takes 11.5 ms at one thread: never tried
+        assert ctl.points == sorted(ThreadedRuntime.TABLE[1].items())
+    else:  # one table scaled by the factor measured at 0.025 (1.1x) predicts 0.5 at 6.6 ms and tries it
+        assert 2 <= over <= 30  # backed off, not stuck

@@ -317,7 +317,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         info = rt.header.get("data", {})  # the training run's split, so accuracy is on held-out images
         data = load_data(args.data, args.data_root, val_fraction=info.get("val_fraction", 0.1),
                          seed=info.get("seed", 0), image_size=shape[-1], cache_dir=cache_dir())
-    from .deploy.profile import profile_runtime
+    from .deploy.profile import profile_runtime, thread_counts
 
     bar = None
     if not args.no_progress:
@@ -326,6 +326,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         bar = tqdm(total=len(grid), desc="profile", unit="α", dynamic_ncols=True, leave=False)
     try:
         records = profile_runtime(rt, grid, batches, shape, data=data,
+                                  threads=thread_counts() if args.per_thread else (),
                                   progress=(lambda rec: bar.update(1)) if bar is not None else None)
     finally:
         if bar is not None:
@@ -354,7 +355,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
     from .deploy.adapt import run_scenario, timeline
-    from .deploy.profile import profile_runtime, quick_grid
+    from .deploy.profile import profile_runtime, quick_grid, thread_counts
     from .deploy.runtime import Runtime
     from .eval.report import plot_adapt
 
@@ -369,7 +370,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
             raise LcsError(f"cannot read profile {args.profile}: {e}") from None
     else:
         print("profiling (no --profile given) ...")
-        records = profile_runtime(rt, quick_grid(rt.alpha_range), [args.batch], shape, repeats=10)
+        records = profile_runtime(rt, quick_grid(rt.alpha_range), [args.batch], shape, repeats=10,
+                                  threads=thread_counts())
     rt.tune(sorted({float(r["alpha"]) for r in records}), [args.batch], shape)  # no request pays for a measurement
     result = run_scenario(rt, records, args.budget_ms, args.seconds, args.load_at, args.batch, shape)
     print(timeline(result, step_s=max(0.5, args.seconds / 20)))
@@ -465,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", help="measure accuracy on this data set too")
     pr.add_argument("--data-root")
     pr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    pr.add_argument("--per-thread", action="store_true",
+                    help="also time each batch at 1, 2, 4, ... threads (what lcs adapt's thread governor uses)")
     pr.add_argument("--json", required=True, help="output JSON; plots go next to it")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.set_defaults(fn=_cmd_profile)

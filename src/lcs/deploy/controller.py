@@ -20,7 +20,9 @@ trusted).
 With a ``governor`` (``lcs.deploy.threads.ThreadGovernor``) it also runs with as many threads as
 the other processes leave cores free: on a contended CPU an OpenMP runtime with a thread per core
 stalls at every barrier (a 657 ms 90th percentile at batch 32 here, against 32 ms with one thread
-fewer), which no α can make up for. A change of thread count starts the load estimate afresh.
+fewer), which no α can make up for. A change of thread count starts the load estimate afresh, and
+predictions then come from the profile measured at that thread count where there is one: fewer
+threads slow a compute-bound dense network much more than a memory-bound sparse one.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class BudgetController:
 
     Args:
         rt: the runtime to drive.
-        profile: records with ``alpha`` and ``latency_ms_b{batch}``, or the JSON (path or dict) that
+        profile: records with ``alpha`` and ``latency_ms_b{batch}`` (and, optionally, per thread count
+            ``latency_ms_b{batch}_t{T}``, used with a governor), or the JSON (path or dict) that
             ``lcs profile`` writes.
         budget_ms: the latency budget per request.
         batch: which batch size's latencies to use from the profile.
@@ -86,11 +89,18 @@ class BudgetController:
             raise LcsError(f"budget_ms must be > 0, got {budget_ms}")
         key = f"latency_ms_b{batch}"
         lo, hi = rt.alpha_range
-        points = sorted((float(r["alpha"]), float(r[key])) for r in profile
-                        if key in r and lo - 1e-9 <= r["alpha"] <= hi + 1e-9)
+        inside = [r for r in profile if lo - 1e-9 <= r.get("alpha", math.nan) <= hi + 1e-9]
+        points = sorted((float(r["alpha"]), float(r[key])) for r in inside if key in r)
         if not points:
             raise LcsError(f"the profile has no {key} entries inside the runtime's range [{lo:g}, {hi:g}]")
-        self.rt, self.budget_ms, self.points = rt, float(budget_ms), points
+        # per thread count, where the profile measured them (``profile_runtime(threads=...)``)
+        per_thread: dict[int, list[tuple[float, float]]] = {}
+        for r in inside:
+            for k, v in r.items():
+                if k.startswith(key + "_t") and k[len(key) + 2:].isdigit():
+                    per_thread.setdefault(int(k[len(key) + 2:]), []).append((float(r["alpha"]), float(v)))
+        self._tables = {t: sorted(pts) for t, pts in per_thread.items() if len(pts) == len(points)}
+        self.rt, self.budget_ms, self._points = rt, float(budget_ms), points
         self.smoothing, self.margin, self.dwell, self.jump, self.clock = smoothing, margin, dwell, jump, clock
         if not (0.0 < quantile <= 1.0) or window < 1:
             raise LcsError(f"need 0 < quantile <= 1 and window >= 1, got quantile={quantile}, window={window}")
@@ -107,6 +117,15 @@ class BudgetController:
         self._fresh = False  # the next measurement replaces the load factor (threads just changed)
         self._over = False  # the last request went over budget
         self.feasible = True
+
+    @property
+    def points(self) -> list[tuple[float, float]]:
+        """(α, profiled latency) at the thread count the requests run with now: the governor's, when
+        the profile measured per thread count (the nearest one it measured), else the profile's own."""
+        if self.governor is None or not self._tables:
+            return self._points
+        t = self.governor.threads
+        return self._tables.get(t) or self._tables[min(self._tables, key=lambda n: abs(math.log(n / t)))]
 
     def profiled_ms(self, alpha: float) -> float:
         """Profile latency at α (linear interpolation between profiled points)."""

@@ -16,7 +16,7 @@ from ..stats import count_macs, count_params
 from .artifact import artifact_bytes, network_meta
 from .runtime import Runtime
 
-__all__ = ["measure_latency", "profile_runtime", "quick_grid"]
+__all__ = ["thread_counts", "measure_latency", "profile_runtime", "quick_grid"]
 
 
 def quick_grid(alpha_range: tuple[float, float]) -> list[float]:
@@ -40,17 +40,35 @@ def measure_latency(fn, x: torch.Tensor, *, warmup: int = 3, repeats: int = 20,
     return times
 
 
+def thread_counts(most: int | None = None) -> list[int]:
+    """The intra-op thread counts a ``ThreadGovernor`` may pick, as profiled: 1, 2, 4, … and ``most``
+    (default torch's current count)."""
+    most = most or torch.get_num_threads()
+    counts, t = {most}, 1
+    while t < most:
+        counts.add(t)
+        t *= 2
+    return sorted(counts)
+
+
 def p90(values: Sequence[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
 def profile_runtime(rt: Runtime, grid: Sequence[Any], batches: Sequence[int], input_shape: tuple[int, int, int],
-                    *, data=None, repeats: int = 20, progress=None) -> list[dict[str, Any]]:
+                    *, data=None, repeats: int = 20, threads: Sequence[int] = (), progress=None
+                    ) -> list[dict[str, Any]]:
     """One record per α: ``switch_ms`` (median of 3 first visits of α: the bake), ``first_batch_ms``
     (the first forward after it, batch ``batches[0]``), ``cached_switch_ms`` (a return visit, from
     the runtime's cache; 0-MiB caches bake again), ``latency_ms_b{B}`` / ``p90_ms_b{B}`` per
-    batch size, ``params``, ``nonzero_params``, ``macs``, ``bytes`` and, with data, ``accuracy``."""
+    batch size, ``params``, ``nonzero_params``, ``macs``, ``bytes`` and, with data, ``accuracy``.
+
+    ``threads``: also measure each batch's latency at these intra-op thread counts
+    (``latency_ms_b{B}_t{T}``), for a controller whose governor changes them: a CPU-bound network
+    and a memory-bound sparse one do not slow down alike with fewer threads (ResNet18 here: dense
+    1.9× slower at one thread than at two, its CSR layers hardly), so one table scaled by a load
+    factor mispredicts the other α after a thread change."""
     records = []
     lo, hi = rt.alpha_range
     rt.tune(list(grid), list(batches), input_shape)  # kernel choices measured (or read from cache) first
@@ -84,6 +102,18 @@ def profile_runtime(rt: Runtime, grid: Sequence[Any], batches: Sequence[int], in
             rec[f"latency_ms_b{b}"] = statistics.median(times)
             rec[f"p90_ms_b{b}"] = p90(times)
             rec[f"sparse_layers_b{b}"] = sparse_layer_count(rt.network, b)
+        current = torch.get_num_threads()
+        try:
+            for t in threads:
+                torch.set_num_threads(t)
+                for b in batches:
+                    reps = repeats if b <= 8 else max(5, repeats // 4)
+                    key = f"latency_ms_b{b}"
+                    rec[f"{key}_t{t}"] = (rec[key] if t == current else
+                                          statistics.median(measure_latency(rt, torch.randn(b, *input_shape),
+                                                                            repeats=reps)))
+        finally:
+            torch.set_num_threads(current)
         net = rt.network
         rec["params"], rec["nonzero_params"] = count_params(net)
         rec["macs"], rec["dense_macs"] = count_macs(net, input_shape)

@@ -47,7 +47,7 @@ class Runtime:
     come on top), and a move to one of them reuses it; 0 bakes on every move.
     """
 
-    def __init__(self, sub: Subspace, header: dict[str, Any], kernels: str = "auto", cache_mb: float = 64.0):
+    def __init__(self, sub: Subspace, header: dict[str, Any], kernels: str = "auto", cache_mb: float = 256.0):
         self.kernels = check_kernels(kernels)
         if not cache_mb >= 0:
             raise LcsError(f"cache_mb must be >= 0, got {cache_mb!r}")
@@ -66,7 +66,7 @@ class Runtime:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None, kernels: str = "auto",
-             cache_mb: float = 64.0) -> Runtime:
+             cache_mb: float = 256.0) -> Runtime:
         """Load a subspace file (``lcs export RUN --subspace``). ``kernels="auto"``: unstructured
         layers run on CSR kernels where a micro-benchmark on this machine says they are faster
         (``lcs.layers.kernels``); ``"dense"``: always the dense kernels. ``cache_mb``: see the class."""
