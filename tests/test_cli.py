@@ -53,6 +53,22 @@ def test_plot_overlays_runs(run_dir, tmp_path):
     assert (tmp_path / "cmp.png").stat().st_size > 1000
 
 
+def test_plot_epochs_draws_each_runs_training_curve(run_dir, tmp_path, capsys):
+    from lcs.eval.report import epoch_curves
+
+    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curves = epoch_curves(records)
+    epochs = [r["epoch"] for r in records if "train_loss" in r]
+    assert [e for e, _ in curves["hi"]] == epochs and [e for e, _ in curves["lo"]] == epochs
+    assert [a for _, a in curves["hi"]] == [r["val_acc_hi"] for r in records if "train_loss" in r]
+    bn = epoch_curves([*records, {"epoch": epochs[-1], "bn_final_batches": 4, "val_acc_hi": 0.5, "val_acc_lo": 0.25}])
+    assert bn["hi_bn"] == [(epochs[-1], 0.5)] and bn["lo_bn"] == [(epochs[-1], 0.25)]
+    out = tmp_path / "epochs.png"
+    assert main(["plot", "--epochs", str(run_dir), "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    _one_line_error(capsys, ["plot", "--epochs", str(tmp_path), "--out", str(out)], "metrics.jsonl")
+
+
 def _one_line_error(capsys, argv, match):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

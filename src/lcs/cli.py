@@ -218,9 +218,37 @@ def _shared_axis(runs: list) -> str:
     return "bytes"
 
 
-def _cmd_plot(args: argparse.Namespace) -> int:
-    from .eval.report import plot_runs
+def _run_method(run: str) -> str | None:
+    """The method a run directory's config.yaml names (None when it cannot be read)."""
+    import yaml
 
+    try:
+        return (yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}).get("method", {}).get("name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .eval.report import plot_epochs, plot_runs
+
+    if args.epochs:
+        if args.x:
+            raise LcsError("--epochs plots accuracy per epoch: drop --x")
+        curves = []
+        for run in args.runs:
+            path = Path(run) / "metrics.jsonl"
+            if not path.is_file():
+                raise LcsError(f"{path} not found: --epochs takes run directories")
+            try:
+                records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+            except json.JSONDecodeError as e:
+                raise LcsError(f"{path} is not an lcs metrics file ({e})") from None
+            if _run_method(run) == "target":  # one network: it has no efficient end
+                records = [{k: v for k, v in r.items() if not k.startswith("val_acc_lo")} for r in records]
+            curves.append((Path(run).name, records))
+        plot_epochs(curves, args.out)
+        print(f"wrote {args.out}")
+        return 0
     runs = []
     for run in args.runs:
         path = Path(run) / "eval.json" if Path(run).is_dir() else Path(run)
@@ -443,11 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
     e.set_defaults(fn=_cmd_eval)
 
-    pl = sp.add_parser("plot", help="overlay the eval curves of several runs")
+    pl = sp.add_parser("plot", help="overlay the eval curves (or, with --epochs, the training curves) of several runs")
     pl.add_argument("runs", nargs="+", help="run directories or eval JSON files")
     pl.add_argument("--out", required=True)
     pl.add_argument("--x", choices=["sparsity", "overall_sparsity", "bytes", "macs", "params", "width", "bits"],
                     help="x axis (default: params for structured runs, sparsity otherwise)")
+    pl.add_argument("--epochs", action="store_true",
+                    help="validation accuracy per epoch at both ends, from each run's metrics.jsonl")
     pl.set_defaults(fn=_cmd_plot)
 
     x = sp.add_parser("export", help="write the compressed network at α (or the whole subspace)")

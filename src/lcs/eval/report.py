@@ -62,6 +62,51 @@ def plot_runs(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str | 
     plt.close(fig)
 
 
+def epoch_curves(records: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """From a run's ``metrics.jsonl`` records: the validation accuracy per epoch at the accurate
+    (``hi``) and efficient (``lo``) end, and ``hi_bn`` / ``lo_bn`` for a final BatchNorm pass (the
+    statistics re-estimated after the last step, ``method.bn_final_batches``), when there was one."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        tag = "" if "train_loss" in r else "_bn" if "bn_final_batches" in r else None
+        if tag is None:
+            continue
+        for end in ("hi", "lo"):
+            if f"val_acc_{end}" in r:
+                curves.setdefault(end + tag, []).append((int(r["epoch"]), float(r[f"val_acc_{end}"])))
+    return curves
+
+
+def plot_epochs(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str | os.PathLike,
+                title: str | None = None) -> None:
+    """Validation accuracy vs epoch, one colour per run: the accurate end solid, the efficient end
+    dashed, a final BatchNorm pass as a star at its epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for i, (label, records) in enumerate(runs):
+        color = f"C{i % 10}"
+        curves = epoch_curves(records)
+        for end, style in (("hi", "-"), ("lo", "--")):
+            pts = curves.get(end, [])
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, color=color,
+                        label=f"{label}, {'accurate' if end == 'hi' else 'efficient'} end")
+            for ep, acc in curves.get(end + "_bn", [])[-1:]:
+                ax.plot([ep], [acc], marker="*", ms=10, color=color, linestyle="none")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "validation accuracy per epoch (★: BN statistics re-estimated)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_heatmap(records: Sequence[dict[str, Any]], x: str, y: str, path: str | os.PathLike,
                  title: str = "") -> None:
     """Accuracy over a grid of two levels (e.g. density × bits), one cell per record, each cell
