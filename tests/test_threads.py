@@ -80,8 +80,8 @@ def test_a_request_over_budget_makes_the_governor_look_at_once(monkeypatch):
 
 
 class ThreadedRuntime(FakeRuntime):
-    """Latency per (α, threads): the sparse end barely slows with one thread, the dense end doubles
-    (ResNet18's CSR layers against its dense convs, measured in docs/results.md)."""
+    """Latency per (α, threads): the efficient end barely slows with one thread, the others nearly
+    double."""
 
     TABLE = {2: {0.025: 2.0, 0.5: 6.0, 1.0: 10.0}, 1: {0.025: 2.2, 0.5: 11.5, 1.0: 19.0}}
 

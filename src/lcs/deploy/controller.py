@@ -22,7 +22,7 @@ the other processes leave cores free: on a contended CPU an OpenMP runtime with 
 stalls at every barrier (a 657 ms 90th percentile at batch 32 here, against 32 ms with one thread
 fewer), which no α can make up for. A change of thread count starts the load estimate afresh, and
 predictions then come from the profile measured at that thread count where there is one: fewer
-threads slow a compute-bound dense network much more than a memory-bound sparse one.
+threads do not slow every α alike.
 """
 
 from __future__ import annotations

@@ -65,10 +65,9 @@ def profile_runtime(rt: Runtime, grid: Sequence[Any], batches: Sequence[int], in
     batch size, ``params``, ``nonzero_params``, ``macs``, ``bytes`` and, with data, ``accuracy``.
 
     ``threads``: also measure each batch's latency at these intra-op thread counts
-    (``latency_ms_b{B}_t{T}``), for a controller whose governor changes them: a CPU-bound network
-    and a memory-bound sparse one do not slow down alike with fewer threads (ResNet18 here: dense
-    1.9× slower at one thread than at two, its CSR layers hardly), so one table scaled by a load
-    factor mispredicts the other α after a thread change."""
+    (``latency_ms_b{B}_t{T}``), for a controller whose governor changes them: the α of a subspace
+    do not slow down alike with fewer threads (dense and CSR kernels, thin and wide layers scale
+    differently), so one table scaled by one load factor mispredicts the other α after a change."""
     records = []
     lo, hi = rt.alpha_range
     rt.tune(list(grid), list(batches), input_shape)  # kernel choices measured (or read from cache) first
