@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--load-at", type=float, default=4.0)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--budget-factor", type=float, default=1.5, help="budget = factor × unloaded latency at α=1")
+    ap.add_argument("--quantile", type=float, default=0.9, help="the controller's quantile of recent slowdowns")
+    ap.add_argument("--window", type=int, default=16, help="how many recent slowdowns the quantile is of")
+    ap.add_argument("--repeats", type=int, default=40, help="profile repeats per α (a quarter at batch > 8)")
     ap.add_argument("--json", default="benchmarks/results/adaptive.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,12 +61,13 @@ def main() -> None:
         rt = Runtime.load(path, cache_mb=1024)  # every α of the grid stays baked: switches are reference swaps
     shape = tuple(rt.header.get("input_shape", (3, 32, 32)))
     hi = rt.alpha_range[1]
-    profile = profile_runtime(rt, quick_grid(rt.alpha_range), [args.batch], shape, repeats=15,
+    profile = profile_runtime(rt, quick_grid(rt.alpha_range), [args.batch], shape, repeats=args.repeats,
                               threads=thread_counts())
     rt.set_alpha(hi)
     unloaded = statistics.median(measure_latency(rt, torch.randn(args.batch, *shape), repeats=30))
     budget = args.budget_factor * unloaded
-    result = run_scenario(rt, profile, budget, args.seconds, args.load_at, args.batch, shape, compare_threads=True)
+    result = run_scenario(rt, profile, budget, args.seconds, args.load_at, args.batch, shape, compare_threads=True,
+                          controller={"quantile": args.quantile, "window": args.window})
     s = result["summary"]
     print(f"regime {rt.regime}, budget {budget:.2f} ms "
           f"(= {args.budget_factor} × {unloaded:.2f} ms unloaded at α={hi:g})")
@@ -74,8 +78,9 @@ def main() -> None:
         print(f"no α met the budget for {s['controller']['infeasible_requests']} requests at the measured load "
               f"(the controller served the most efficient α)")
     out = dict(result)  # the traces too: which requests went over budget, at which α and thread count
-    out.update({"regime": rt.regime, "model": rt.header.get("arch", {}).get("name"), "batch": args.batch,
-                "unloaded_ms": unloaded, "profile": profile})
+    out.update({"quantile": args.quantile, "window": args.window, "regime": rt.regime,
+                "model": rt.header.get("arch", {}).get("name"), "batch": args.batch, "unloaded_ms": unloaded,
+                "profile": profile})
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.json}")

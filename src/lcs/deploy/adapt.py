@@ -54,11 +54,13 @@ def _serve(step, seconds: float, load_at: float, x: torch.Tensor) -> list[dict[s
 
 def run_scenario(rt: Runtime, profile: list[dict[str, Any]], budget_ms: float, seconds: float, load_at: float,
                  batch: int = 1, input_shape: tuple[int, int, int] = (3, 32, 32),
-                 compare_threads: bool = False) -> dict[str, Any]:
+                 compare_threads: bool = False, controller: dict[str, Any] | None = None) -> dict[str, Any]:
     """Runs of ``seconds`` each with a competitor from ``load_at``: the controller (choosing α and,
     from the CPU time the competitor takes, the thread count), then α fixed at the accurate end;
     with ``compare_threads`` also the controller with the threads left alone, in between. Returns
-    the traces and their over-budget fractions (overall and under load)."""
+    the traces and their over-budget fractions (overall and under load). ``controller``: keyword
+    arguments for ``BudgetController`` (e.g. ``quantile``, ``window``)."""
+    options = dict(controller or {})
     x = torch.randn(batch, *input_shape)
 
     def controlled(ctl: BudgetController):
@@ -78,14 +80,14 @@ def run_scenario(rt: Runtime, profile: list[dict[str, Any]], budget_ms: float, s
     governor = ThreadGovernor()
     try:
         traces = {"controller": _serve(controlled(BudgetController(rt, profile, budget_ms, batch=batch,
-                                                                  governor=governor)), seconds, load_at, x)}
+                                                                  governor=governor, **options)), seconds, load_at, x)}
     finally:
         governor.restore()
     if compare_threads:
         time.sleep(1.0)  # let the competitor's load fade
         rt.set_alpha(hi)
-        traces["controller_fixed_threads"] = _serve(controlled(BudgetController(rt, profile, budget_ms, batch=batch)),
-                                                    seconds, load_at, x)
+        traces["controller_fixed_threads"] = _serve(
+            controlled(BudgetController(rt, profile, budget_ms, batch=batch, **options)), seconds, load_at, x)
     time.sleep(1.0)
     rt.set_alpha(hi)
     traces["fixed"] = _serve(fixed, seconds, load_at, x)
