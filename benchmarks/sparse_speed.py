@@ -63,12 +63,15 @@ def bench(name: str, shape: tuple[int, ...], batches: tuple[int, ...], densities
             reps = repeats if b == 1 else max(5, repeats // 3)
             td, ts = _interleaved(dense, fast, x, reps)
             md, ms = statistics.median(td), statistics.median(ts)
-            sparse = sum(v.get(b, False) for v in kernel_report(fast).values())
+            chosen = [v.get(b, "dense") for v in kernel_report(fast).values()]
+            sparse = sum(k != "dense" for k in chosen)
             row = {"model": name, "density": d, "batch": b, "dense_ms": md, "sparse_ms": ms, "speedup": md / ms,
-                   "sparse_layers": sparse, "compressed_layers": len(sub.compressed), "max_abs_diff": err}
+                   "sparse_layers": sparse, "csr_layers": chosen.count("csr"), "direct_layers": chosen.count("direct"),
+                   "compressed_layers": len(sub.compressed), "max_abs_diff": err}
             rows.append(row)
             print(f"{name:>13} d={d:<5g} b{b:<3d} dense {md:8.2f} ms  fast {ms:8.2f} ms  {md / ms:5.2f}x  "
-                  f"{sparse:2d}/{len(sub.compressed)} layers sparse  max|diff| {err:.1e}", flush=True)
+                  f"{sparse:2d}/{len(sub.compressed)} layers sparse ({chosen.count('direct')} direct)  "
+                  f"max|diff| {err:.1e}", flush=True)
     return rows
 
 

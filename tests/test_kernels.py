@@ -1,5 +1,5 @@
-"""Sparse kernels: CSR conv / linear equal the dense kernels; the per-layer choice follows the
-measurement, is cached, and never changes what the network computes."""
+"""Sparse kernels: CSR conv / linear and direct sparse convolution equal the dense kernels; the
+per-layer choice follows the measurement, is cached, and never changes what the network computes."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 import lcs
+from lcs.layers import direct
 from lcs.layers.kernels import (
     KernelChooser,
     SparseConv2d,
+    SparseLinear,
     accelerate,
     conv_columns,
     csr_conv2d,
@@ -24,12 +26,17 @@ from lcs.layers.kernels import (
 
 
 class Always(KernelChooser):
-    def __init__(self, sparse: bool):
+    """Picks one kernel wherever it can run (``direct`` falls back to ``csr`` on linears)."""
+
+    def __init__(self, kernel: str):
         super().__init__(path="")
-        self.sparse = sparse
+        self.kernel = kernel
 
     def decide(self, layer, x):
-        return self.sparse
+        return self.kernel if self.kernel in self.candidates(layer) else "csr"
+
+
+needs_numba = pytest.mark.skipif(not direct.available(), reason="numba is not installed")
 
 
 def _sparse_weight(shape, density, gen):
@@ -70,18 +77,21 @@ def test_csr_linear_equals_dense_linear():
 
 @pytest.mark.parametrize("alpha", [0.025, 0.1, 0.3])
 @pytest.mark.parametrize("batch", [1, 64])
-def test_accelerated_network_equals_dense_network(alpha, batch):
+@pytest.mark.parametrize("kernel", ["csr", pytest.param("direct", marks=needs_numba)])
+def test_accelerated_network_equals_dense_network(alpha, batch, kernel):
     sub = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10), lcs.UnstructuredConfig(geometry="point"))
     sub.model.eval()
     ref = lcs.materialize(sub, alpha)
     fast = lcs.materialize(sub, alpha)
-    n = accelerate(fast, sub.compressed, chooser=Always(True))
+    n = accelerate(fast, sub.compressed, chooser=Always(kernel))
     assert n == len(sub.compressed)  # every compressed layer is at most 30 % dense here
     x = torch.randn(batch, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(fast(x), ref(x), atol=1e-4)
     report = kernel_report(fast)
-    assert set(report) == set(sub.compressed) and all(d == {batch: True} for d in report.values())
+    assert set(report) == set(sub.compressed)
+    assert all(d == {batch: kernel if isinstance(fast.get_submodule(f), nn.Conv2d) else "csr"}
+               for f, d in report.items())
     assert fast.state_dict().keys() == ref.state_dict().keys()  # artifacts see ordinary layers
     dense_kernels(fast)
     assert not any(isinstance(m, SparseConv2d) for m in fast.modules())
@@ -91,7 +101,7 @@ def test_dense_layers_are_not_touched_and_training_stays_dense():
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1))
     with torch.no_grad():
         net[1].weight.mul_(torch.rand_like(net[1].weight) < 0.1)
-    assert accelerate(net, chooser=Always(True)) == 1  # the dense first conv stays nn.Conv2d
+    assert accelerate(net, chooser=Always("csr")) == 1  # the dense first conv stays nn.Conv2d
     assert type(net[0]) is nn.Conv2d and isinstance(net[1], SparseConv2d)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     net(x).sum().backward()  # autograd takes the dense kernel
@@ -105,21 +115,38 @@ def test_choice_follows_the_measurement_and_is_cached(tmp_path, monkeypatch):
         conv.weight.mul_(torch.rand_like(conv.weight) < 0.05)
     net, net2 = nn.Sequential(conv), nn.Sequential(copy.deepcopy(conv))
     chooser = KernelChooser(path=str(path), repeats=1)
-    timings = iter([2.0, 1.0, 1.0, 2.0])  # batch 1: sparse twice as fast; batch 8: dense twice as fast
-    monkeypatch.setattr(chooser, "_time", lambda fn, x: next(timings))
+    # batch 1: csr twice as fast as dense; batch 8: dense twice as fast as csr, direct fastest of all
+    tables = iter([{"dense": 2.0, "csr": 1.0, "direct": 1.5}, {"dense": 1.0, "csr": 2.0, "direct": 0.5}])
+    monkeypatch.setattr(chooser, "_time", lambda fn, x: chooser.now[fn.args[0]])
+    real_decide = chooser.decide
+
+    def decide(layer, x):
+        chooser.now = next(tables)
+        return real_decide(layer, x)
+
+    monkeypatch.setattr(chooser, "decide", decide)
     accelerate(net, chooser=chooser)
     with torch.no_grad():
         net(torch.randn(1, 16, 8, 8))
         net(torch.randn(8, 16, 8, 8))
-    assert net[0].lcs_decisions == {1: True, 8: False}
+    best8 = "direct" if direct.available() else "dense"  # without numba only dense and csr are timed
+    assert net[0].lcs_decisions == {1: "csr", 8: best8}
     table = json.loads(path.read_text())
-    assert sorted(v["sparse"] for v in table.values()) == [False, True]
+    assert sorted(v["kernel"] for v in table.values()) == sorted(["csr", best8])
     again = KernelChooser(path=str(path))  # a new process reads the decisions instead of measuring
     monkeypatch.setattr(again, "_time", lambda fn, x: pytest.fail("measured again"))
     accelerate(net2, chooser=again)
     with torch.no_grad():
         net2(torch.randn(1, 16, 8, 8))
-    assert net2[0].lcs_decisions == {1: True}
+    assert net2[0].lcs_decisions == {1: "csr"}
+
+
+def test_a_sparse_kernel_must_beat_dense_by_the_margin():
+    chooser = KernelChooser(path="", margin=0.75)
+    assert chooser.choose({"dense": 1.0, "csr": 0.8, "direct": 0.9}) == "dense"  # 20 % faster: not enough
+    assert chooser.choose({"dense": 1.0, "csr": 0.7, "direct": 0.5}) == "direct"
+    assert chooser.choose({"dense": 1.0, "csr": 0.7}) == "csr"
+    assert chooser.choose({"dense": 1.0}) == "dense"
 
 
 def test_a_tie_keeps_the_dense_kernel(monkeypatch):
@@ -131,13 +158,13 @@ def test_a_tie_keeps_the_dense_kernel(monkeypatch):
     accelerate(net, chooser=chooser)
     with torch.no_grad():
         net(torch.randn(2, 64))
-    assert net[0].lcs_decisions == {2: False}
+    assert net[0].lcs_decisions == {2: "dense"}
 
 
 def test_runtime_serves_sparse_kernels_with_equal_outputs(tmp_path, monkeypatch):
     import lcs.layers.kernels as k
 
-    monkeypatch.setattr(k, "_DEFAULT_CHOOSER", Always(True))
+    monkeypatch.setattr(k, "_DEFAULT_CHOOSER", Always("csr"))
     sub = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10), lcs.UnstructuredConfig())
     sub.model.eval()
     path = tmp_path / "s.safetensors"
@@ -148,7 +175,7 @@ def test_runtime_serves_sparse_kernels_with_equal_outputs(tmp_path, monkeypatch)
         rt.set_alpha(a)
         with sub.at(a), torch.no_grad():
             assert torch.allclose(rt(x), sub.model(x), atol=1e-4)
-        sparse = [f for f, d in rt.kernel_report().items() if d.get(2)]
+        sparse = [f for f, d in rt.kernel_report().items() if d.get(2, "dense") != "dense"]
         assert (len(sparse) == len(sub.compressed)) == (a <= 0.5)  # density 1: nothing to gain, dense
 
 
@@ -162,9 +189,43 @@ def test_onnx_export_of_an_accelerated_network_uses_standard_ops(tmp_path):
     with torch.no_grad():
         for m in (net[2], net[4]):
             m.weight.mul_(torch.rand_like(m.weight) < 0.1)
-    accelerate(net.eval(), chooser=Always(True))
+    accelerate(net.eval(), chooser=Always("csr"))
     export_onnx(net, tmp_path / "n.onnx", (3, 8, 8))
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(torch.as_tensor(run_onnx(tmp_path / "n.onnx", x)), net(x), atol=1e-5)
     assert isinstance(net[2], SparseConv2d)  # the caller's network is left as it was
+
+
+@needs_numba
+@pytest.mark.parametrize("k,stride,padding", [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1), (5, 1, 2), (3, 1, 0),
+                                              ((3, 5), (2, 1), (1, 2)), (7, 2, 3), (3, 3, 0)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_direct_conv_equals_dense_conv(k, stride, padding, batch):
+    g = torch.Generator().manual_seed(7 * batch + stride if isinstance(stride, int) else 5)
+    conv = nn.Conv2d(6, 10, k, stride=stride, padding=padding)
+    conv.weight.data = _sparse_weight(conv.weight.shape, 0.1, g)
+    x = torch.randn(batch, 6, 13, 11, generator=g)
+    with torch.no_grad():
+        out = direct.direct_conv2d(x, direct.DirectWeight(conv.weight, conv.stride), conv, conv.bias)
+        ref = conv(x)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+
+
+@needs_numba
+def test_direct_conv_of_an_all_zero_weight_is_the_bias():
+    conv = nn.Conv2d(4, 3, 3, padding=1)
+    conv.weight.data.zero_()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        out = direct.direct_conv2d(x, direct.DirectWeight(conv.weight, conv.stride), conv, conv.bias)
+    assert torch.equal(out, conv.bias.view(1, -1, 1, 1).expand(2, 3, 5, 5))
+
+
+def test_direct_kernel_is_only_offered_where_it_applies():
+    assert not direct.eligible(nn.Conv2d(4, 4, 3, groups=2))
+    assert not direct.eligible(nn.Conv2d(4, 4, 3, dilation=2))
+    assert not direct.eligible(nn.Conv2d(4, 4, 3, padding="same"))
+    assert not direct.eligible(nn.Linear(4, 4))
+    assert direct.eligible(nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    assert KernelChooser.candidates(SparseLinear(4, 4)) == ("dense", "csr")

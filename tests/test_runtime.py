@@ -134,9 +134,11 @@ def test_switch_never_mixes_two_alphas(artifact):
 
 
 def test_runtime_imports_no_training_code(tmp_path, artifact):
-    # torch itself may import some of these (tqdm): only what lcs adds on top counts.
+    # torch and numba (the direct kernel's compiler, which reads its config with yaml) may import some
+    # of these themselves (tqdm, yaml): only what lcs adds on top counts.
     code = (
         "import sys, torch, safetensors.torch\n"
+        "try:\n    import numba\nexcept ImportError:\n    pass\n"
         "before = set(sys.modules)\n"
         "from lcs.deploy.runtime import Runtime\n"
         f"rt = Runtime.load({str(artifact[2])!r}); rt.set_alpha(0.1); rt(torch.zeros(1, 3, 32, 32))\n"

@@ -82,8 +82,8 @@ class Runtime:
                 self(torch.zeros(b, *input_shape))
         self.move(old)
 
-    def kernel_report(self) -> dict[str, dict[int, bool]]:
-        """{layer: {batch: runs sparse}} of the network currently served."""
+    def kernel_report(self) -> dict[str, dict[int, str]]:
+        """{layer: {batch: kernel}} ("dense", "csr", "direct") of the network currently served."""
         return kernel_report(self.network)
 
     # -- state -----------------------------------------------------------------------------------

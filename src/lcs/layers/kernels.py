@@ -1,26 +1,32 @@
 """Sparse kernels for unstructured networks, chosen per layer by measurement on this machine.
 
 A TopK network at density 0.05 holds 95 % zeros, but ``nn.Conv2d`` multiplies them all. Here each
-mostly-zero Conv2d / Linear can run as a CSR × dense product on MKL (``torch.sparse.mm``): a 1×1
-conv multiplies the input viewed as a (C, N·H·W) matrix, a k×k conv its unfolded columns
-(``conv_columns``: the padded input's windows, one strided copy), a linear the transposed input.
-Whether that is faster depends on the layer's shape, its density, the batch and the CPU (thin 1×1
-layers over many columns lose; SPEC §8), so it is decided by a micro-benchmark of both kernels on
-the real input shape, once per (machine, layer shape, input size, batch, density bucket), and cached
-on disk (``$LCS_CACHE/kernels-*.json``), so that a later switch of α costs only building the CSR
-weights.
+mostly-zero Conv2d / Linear can run on one of two sparse kernels:
+
+* ``csr``: a CSR × dense product on MKL (``torch.sparse.mm``): a 1×1 conv multiplies the input
+  viewed as a (C, N·H·W) matrix, a k×k conv its unfolded columns (``conv_columns``: the padded
+  input's windows, one strided copy), a linear the transposed input;
+* ``direct`` (convs, with numba): direct sparse convolution, one contiguous multiply-add of a
+  shifted input plane per nonzero (``lcs.layers.direct``), nothing unfolded: it wins where the
+  columns of a thin layer at a large batch made the CSR product memory-bound.
+
+Which of ``dense``, ``csr`` and ``direct`` is fastest depends on the layer's shape, its density, the
+batch and the CPU (SPEC §8), so it is decided by a micro-benchmark of each kernel on the real input
+shape, once per (machine, layer shape, input size, batch, density bucket), and cached on disk
+(``$LCS_CACHE/kernels-*.json``), so that a later switch of α costs only building the sparse weights.
 
 ``accelerate(net)`` turns a plain network's compressible layers into ``SparseConv2d`` /
 ``SparseLinear``: subclasses with the same parameters and state dict (the dense weight stays, so
 artifacts, ONNX export and ``load_state_dict`` see an ordinary layer) plus a CSR copy of the weight
-and, per batch size, the kernel that won. ``kernel_report(net)`` says which layers run sparse.
+and, per batch size, the kernel that won. ``kernel_report(net)`` says which kernel each layer runs.
 
-Deploy side: imports only torch and the standard library.
+Deploy side: imports only torch, the standard library and (lazily, for ``direct``) numba.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -34,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import direct as direct_kernel
 
 __all__ = ["SparseConv2d", "SparseLinear", "accelerate", "dense_kernels", "kernel_report", "sparse_layer_count",
            "check_kernels", "KernelChooser",
@@ -99,22 +107,25 @@ def _to_csr(w: torch.Tensor) -> torch.Tensor:
         return w.reshape(w.shape[0], -1).to_sparse_csr()
 
 
-def _nearest(decisions: dict[int, bool], batch: int) -> bool:
+KERNELS = ("dense", "csr", "direct")
+
+
+def _nearest(decisions: dict[int, str], batch: int) -> str:
     if batch in decisions:
         return decisions[batch]
     if not decisions:
-        return False
+        return "dense"
     near = min(decisions, key=lambda b: abs(math.log(b) - math.log(batch)))
     return decisions[near]
 
 
 class _SparseMixin:
-    """What both sparse layers share: the density, the CSR weight (built on first use: most layers
-    of a thin network measure faster dense, and a switch of α should not pay for their CSR copies),
-    the per-batch decisions, the chooser."""
+    """What both sparse layers share: the density, the sparse weights (built on first use: many layers
+    measure faster dense, and a switch of α should not pay for their sparse copies), the per-batch
+    kernel decisions, the chooser."""
 
     lcs_density: float
-    lcs_decisions: dict[int, bool]
+    lcs_decisions: dict[int, str]
     lcs_chooser: KernelChooser | None
 
     def csr(self) -> torch.Tensor:
@@ -124,10 +135,18 @@ class _SparseMixin:
             csr = self.__dict__["lcs_csr"] = _to_csr(self.weight.detach())
         return csr
 
+    def direct(self) -> direct_kernel.DirectWeight:
+        """The weight's nonzeros as the direct kernel reads them, built once."""
+        packed = self.__dict__.get("lcs_direct")
+        if packed is None:
+            packed = self.__dict__["lcs_direct"] = direct_kernel.DirectWeight(self.weight, self.stride)
+        return packed
+
     def __deepcopy__(self, memo: dict) -> nn.Module:
         # torch cannot deep-copy CSR tensors: copy the layer as a plain one; the copy builds its own
         # CSR weight on first use (the chooser is shared: it is a cache)
         cls, csr, chooser = type(self), self.__dict__.pop("lcs_csr", None), self.__dict__.pop("lcs_chooser")
+        packed = self.__dict__.pop("lcs_direct", None)
         try:
             self.__class__ = _PLAIN[cls]
             new = copy.deepcopy(self, memo)
@@ -135,33 +154,44 @@ class _SparseMixin:
             self.__class__, self.lcs_chooser = cls, chooser
             if csr is not None:
                 self.__dict__["lcs_csr"] = csr
+            if packed is not None:
+                self.__dict__["lcs_direct"] = packed
         new.__class__ = cls
         new.lcs_chooser = chooser
         return new
 
-    def _use_sparse(self, x: torch.Tensor) -> bool:
+    def _kernel(self, x: torch.Tensor) -> str:
+        """The kernel for this input: "dense" for autograd and non-float32 inputs, else the measured choice."""
+        if x.dtype != torch.float32 or torch.is_grad_enabled():
+            return "dense"
         batch = int(x.shape[0]) if x.dim() > 1 else 1
         if batch not in self.lcs_decisions and self.lcs_chooser is not None:
             self.lcs_decisions[batch] = self.lcs_chooser.decide(self, x)
         return _nearest(self.lcs_decisions, batch)
 
-
-class SparseConv2d(_SparseMixin, nn.Conv2d):
-    """An ``nn.Conv2d`` that runs as CSR × columns for the batch sizes where that measured faster."""
+    def run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        """This layer's output on ``kernel`` (what the chooser times, and the forward pass runs)."""
+        if kernel == "dense":
+            return _PLAIN[type(self)].forward(self, x)
+        if kernel == "csr":
+            if isinstance(self, nn.Conv2d):
+                return csr_conv2d(x, self.csr(), self, self.bias)
+            return csr_linear(x, self.csr(), self.bias)
+        if kernel == "direct":
+            return direct_kernel.direct_conv2d(x, self.direct(), self, self.bias)
+        raise ValueError(f"unknown kernel {kernel!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and not torch.is_grad_enabled() and self._use_sparse(x):
-            return csr_conv2d(x, self.csr(), self, self.bias)
-        return super().forward(x)
+        return self.run(self._kernel(x), x)
+
+
+class SparseConv2d(_SparseMixin, nn.Conv2d):
+    """An ``nn.Conv2d`` that runs on CSR × columns or direct sparse convolution for the batch sizes
+    where that measured faster."""
 
 
 class SparseLinear(_SparseMixin, nn.Linear):
     """An ``nn.Linear`` that runs as CSR × xᵀ for the batch sizes where that measured faster."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and not torch.is_grad_enabled() and self._use_sparse(x):
-            return csr_linear(x, self.csr(), self.bias)
-        return super().forward(x)
 
 
 _PLAIN = {SparseConv2d: nn.Conv2d, SparseLinear: nn.Linear}
@@ -185,12 +215,13 @@ def _cache_path() -> str:
 
 
 class KernelChooser:
-    """Times the dense and the sparse kernel of one layer on its real input and remembers the
-    winner per (layer shape, input size, batch, density bucket), in memory and on disk.
+    """Times every kernel of one layer (dense, csr, and direct for convs where numba is available)
+    on its real input and remembers the winner per (layer shape, input size, batch, density
+    bucket), in memory and on disk.
 
-    ``margin``: the sparse kernel must be this much faster, alone, to be chosen (0.75: 25 % faster):
-    inside the network its unfolded columns compete for cache, and with 10 % the digits demo's
-    batch-64 network at density 0.025 ran 1.6× slower than dense (15 layers sparse).
+    ``margin``: a sparse kernel must be this much faster than dense, alone, to be chosen (0.75: 25 %
+    faster): inside the network its unfolded columns compete for cache, and with 10 % the digits
+    demo's batch-64 network at density 0.025 ran 1.6× slower than dense (15 layers sparse).
     ``path=None``: the machine's cache file; ``""``: no file.
     """
 
@@ -216,7 +247,7 @@ class KernelChooser:
                      f"in{tuple(x.shape[2:])}")
         else:
             shape = f"linear{tuple(layer.weight.shape)}"
-        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}"
+        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}|k2"  # k2: dense, csr and direct timed
 
     def _time(self, fn, x: torch.Tensor) -> float:
         fn(x)  # warm-up
@@ -227,24 +258,31 @@ class KernelChooser:
             best = min(best, time.perf_counter() - t0)
         return best * 1e3
 
-    def decide(self, layer: nn.Module, x: torch.Tensor) -> bool:
+    @staticmethod
+    def candidates(layer: nn.Module) -> tuple[str, ...]:
+        """The kernels that can run ``layer`` here."""
+        if isinstance(layer, nn.Conv2d) and direct_kernel.eligible(layer) and direct_kernel.available():
+            return KERNELS
+        return ("dense", "csr")
+
+    def choose(self, timings: dict[str, float]) -> str:
+        """The fastest kernel, where a sparse one must beat dense by the margin."""
+        best = min((k for k in timings if k != "dense"), key=lambda k: timings[k], default=None)
+        return best if best is not None and timings[best] < self.margin * timings["dense"] else "dense"
+
+    def decide(self, layer: nn.Module, x: torch.Tensor) -> str:
         key = self.key(layer, x)
         with self._lock:
             hit = self._table.get(key)
         if hit is not None:  # timings are cached, the margin is applied now
-            return hit["sparse_ms"] < self.margin * hit["dense_ms"]
-        plain = _PLAIN[type(layer)]
+            return self.choose({k: hit[f"{k}_ms"] for k in KERNELS if f"{k}_ms" in hit})
         with torch.no_grad():
-            dense_ms = self._time(lambda t: plain.forward(layer, t), x)
-            if isinstance(layer, nn.Conv2d):
-                sparse_ms = self._time(lambda t: csr_conv2d(t, layer.csr(), layer, layer.bias), x)
-            else:
-                sparse_ms = self._time(lambda t: csr_linear(t, layer.csr(), layer.bias), x)
-        sparse = sparse_ms < self.margin * dense_ms
+            timings = {k: self._time(functools.partial(layer.run, k), x) for k in self.candidates(layer)}
+        kernel = self.choose(timings)
         with self._lock:
-            self._table[key] = {"sparse": sparse, "dense_ms": dense_ms, "sparse_ms": sparse_ms}
+            self._table[key] = {"kernel": kernel, **{f"{k}_ms": ms for k, ms in timings.items()}}
             self._save()
-        return sparse
+        return kernel
 
     def _save(self) -> None:
         if not self.path:
@@ -298,6 +336,7 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
         m.__class__ = SparseConv2d if isinstance(m, nn.Conv2d) else SparseLinear
         d = m.__dict__  # plain attributes, written directly (nn.Module.__setattr__ is slow, and a switch pays it)
         d.pop("lcs_csr", None)  # of an earlier weight, if any: rebuilt on first sparse use
+        d.pop("lcs_direct", None)
         d["lcs_density"], d["lcs_decisions"], d["lcs_chooser"] = density, {}, chooser
         n += 1
     return n
@@ -309,7 +348,7 @@ def dense_kernels(net: nn.Module) -> nn.Module:
         plain = _PLAIN.get(type(m))
         if plain is not None:
             m.__class__ = plain
-            for attr in ("lcs_csr", "lcs_density", "lcs_decisions", "lcs_chooser"):
+            for attr in ("lcs_csr", "lcs_direct", "lcs_density", "lcs_decisions", "lcs_chooser"):
                 m.__dict__.pop(attr, None)
     return net
 
@@ -324,10 +363,11 @@ def check_kernels(kernels: str) -> str:
 
 
 def sparse_layer_count(net: nn.Module, batch: int) -> int:
-    """How many layers of ``net`` run on the sparse kernel at ``batch`` (as decided so far)."""
-    return sum(d.get(batch, False) for d in kernel_report(net).values())
+    """How many layers of ``net`` run on a sparse kernel at ``batch`` (as decided so far)."""
+    return sum(d.get(batch, "dense") != "dense" for d in kernel_report(net).values())
 
 
-def kernel_report(net: nn.Module) -> dict[str, dict[int, bool]]:
-    """{layer: {batch: runs sparse}} for every accelerated layer that has served a batch."""
+def kernel_report(net: nn.Module) -> dict[str, dict[int, str]]:
+    """{layer: {batch: kernel}} ("dense", "csr" or "direct") for every accelerated layer that has
+    served a batch."""
     return {fqn: dict(m.lcs_decisions) for fqn, m in net.named_modules() if isinstance(m, _SparseMixin)}

@@ -1,0 +1,148 @@
+"""Direct sparse convolution: each output plane accumulates, for every nonzero weight, a shifted copy
+of one input plane (Park et al. 2017, "Faster CNNs with direct sparse convolutions"), compiled with
+numba.
+
+Why not only CSR × im2col (``lcs.layers.kernels``)? The columns of a thin layer at batch 64 are
+large and a CSR product over them is memory-bound: on cPreResNet20 at density 0.05 the 3×3 convs
+lost 3–5× to oneDNN that way. Here nothing is unfolded. The input is padded once and, for stride
+s > 1, split into s² phases (one copy), so every tap (c, i, j) of the kernel reads one contiguous
+run of a (phase) plane laid out with the padded row width. Each output plane is accumulated on
+that row width (a few columns past each row's end are computed and dropped when the plane is
+copied out), so the inner loop is one long contiguous multiply-add per nonzero, eight nonzeros
+at a time so each accumulator element is loaded and stored once per eight. Measured here at batch
+64, density 0.05, with the BatchNorm that follows: 16→16 3×3 on 32×32 4.1×, 32→32 on 16×16 3.4×,
+64→64 on 8×8 2.0× faster than ``F.conv2d`` (strided layers 0.5–1.2×: the phase copy costs).
+
+The kernel is optional: without numba, ``available()`` is False and the layers use the other
+kernels. Deploy side: torch, numpy and (lazily) numba.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["available", "eligible", "DirectWeight", "direct_conv2d"]
+
+_LOCK = threading.Lock()
+_THREAD_SAFE: bool | None = None  # numba's OpenMP / TBB layers take concurrent calls; its workqueue does not
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The compiled kernel (numba), or None when numba is missing."""
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    @numba.njit(parallel=True, fastmath={"contract"}, cache=True)  # FMAs; no reassociation
+    def accumulate(xf, channels, phases, plane, row, ptr, chan, phase, di, dj, vals, bias, out, ho, wo):
+        # acc[t] = bias[o] + Σ_n vals[n] · xf[start of plane (b, chan[n], phase[n]) + di[n]·row + dj[n] + t],
+        # t over the output rows laid out with the phase plane's row width; the valid columns go to out[b, o]
+        batch, outs, _ = out.shape
+        length = (ho - 1) * row + wo
+        for bo in numba.prange(batch * outs):
+            b = bo // outs
+            o = bo - b * outs
+            acc = np.empty(length, np.float32)
+            acc[:] = bias[o]
+            n, end = ptr[o], ptr[o + 1]
+            while n + 8 <= end:  # eight nonzeros per pass: each acc element loaded and stored once per eight
+                s = np.empty(8, np.int64)
+                for q in range(8):
+                    s[q] = ((b * channels + chan[n + q]) * phases + phase[n + q]) * plane + di[n + q] * row + dj[n + q]
+                x0, x1, x2, x3 = xf[s[0]:s[0] + length], xf[s[1]:s[1] + length], xf[s[2]:s[2] + length], \
+                    xf[s[3]:s[3] + length]
+                x4, x5, x6, x7 = xf[s[4]:s[4] + length], xf[s[5]:s[5] + length], xf[s[6]:s[6] + length], \
+                    xf[s[7]:s[7] + length]
+                w0, w1, w2, w3, w4, w5, w6, w7 = vals[n], vals[n + 1], vals[n + 2], vals[n + 3], vals[n + 4], \
+                    vals[n + 5], vals[n + 6], vals[n + 7]
+                for t in range(length):
+                    acc[t] += (w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t]) + \
+                        (w4 * x4[t] + w5 * x5[t] + w6 * x6[t] + w7 * x7[t])
+                n += 8
+            while n < end:
+                s0 = ((b * channels + chan[n]) * phases + phase[n]) * plane + di[n] * row + dj[n]
+                x0 = xf[s0:s0 + length]
+                w0 = vals[n]
+                for t in range(length):
+                    acc[t] += w0 * x0[t]
+                n += 1
+            dst = out[b, o]
+            for y in range(ho):
+                dst[y * wo:(y + 1) * wo] = acc[y * row:y * row + wo]
+
+    return numba, accumulate
+
+
+def available() -> bool:
+    """Whether the direct kernel can run here (numba importable)."""
+    return _kernel() is not None
+
+
+def eligible(conv: nn.Module) -> bool:
+    """Plain 2-D convolutions the kernel computes: one group, no dilation, zero padding given as numbers."""
+    return (isinstance(conv, nn.Conv2d) and conv.groups == 1 and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
+class DirectWeight:
+    """A conv weight's nonzeros grouped by output channel, each with its input channel, stride phase
+    and offset within the phase plane: what ``direct_conv2d`` reads. Built once per weight."""
+
+    def __init__(self, weight: torch.Tensor, stride: tuple[int, int]):
+        w = weight.detach().float().cpu().numpy()
+        o, c, i, j = np.nonzero(w)  # row-major order: grouped by output channel
+        (sh, sw), kw = stride, w.shape[3]
+        self.ptr = np.concatenate([[0], np.cumsum(np.bincount(o, minlength=w.shape[0]))]).astype(np.int64)
+        self.chan = c.astype(np.int64)
+        self.phase = ((i % sh) * min(kw, sw) + (j % sw)).astype(np.int64)  # among the phases a tap can use
+        self.di, self.dj = (i // sh).astype(np.int64), (j // sw).astype(np.int64)
+        self.vals = np.ascontiguousarray(w[o, c, i, j], dtype=np.float32)
+        self.outs = w.shape[0]
+
+
+def _phase_planes(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int, int, int, int]:
+    """The zero-padded input split into the stride phases the kernel's taps read (all s² of them for
+    a kernel at least as wide as the stride, one for a strided 1×1): (N, C, phases, Hq, Wq),
+    contiguous, plus the output size (Ho, Wo) and the phase plane size (Hq, Wq)."""
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    n, c, h, w = x.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    hq, wq = -(-hp // sh), -(-wp // sw)
+    padded = F.pad(x, (pw, pw + wq * sw - wp, ph, ph + hq * sh - hp))  # to whole phases
+    if (sh, sw) == (1, 1):
+        return padded.contiguous().view(n, c, 1, hq, wq), ho, wo, hq, wq
+    uh, uw = min(kh, sh), min(kw, sw)
+    planes = padded.view(n, c, hq, sh, wq, sw)[:, :, :, :uh, :, :uw].permute(0, 1, 3, 5, 2, 4)
+    return planes.reshape(n, c, uh * uw, hq, wq), ho, wo, hq, wq
+
+
+def direct_conv2d(x: torch.Tensor, weight: DirectWeight, conv: nn.Conv2d, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv(x)`` (float32, CPU) by direct sparse convolution; equal to ``F.conv2d`` up to float
+    summation order."""
+    numba, accumulate = _kernel()
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    planes, ho, wo, hq, wq = _phase_planes(x.float(), conv)
+    n, c = planes.shape[:2]
+    out = torch.empty(n, weight.outs, ho * wo)
+    b = (bias.detach().float().contiguous() if bias is not None else torch.zeros(weight.outs)).numpy()
+    args = (planes.numpy().reshape(-1), c, planes.shape[2], hq * wq, wq, weight.ptr, weight.chan, weight.phase,
+            weight.di, weight.dj, weight.vals, b, out.numpy(), ho, wo)
+    global _THREAD_SAFE
+    if _THREAD_SAFE:
+        accumulate(*args)
+    else:  # serving threads may call at once: serialize until the threading layer is known to allow it
+        with _LOCK:
+            accumulate(*args)
+            if _THREAD_SAFE is None:
+                _THREAD_SAFE = numba.threading_layer() in ("omp", "tbb")
+    return out.view(n, weight.outs, ho, wo)
