@@ -46,9 +46,9 @@ def _interleaved(a, b, x: torch.Tensor, repeats: int) -> tuple[list[float], list
 
 
 def bench(name: str, shape: tuple[int, ...], batches: tuple[int, ...], densities: tuple[float, ...],
-          repeats: int, chooser: KernelChooser) -> list[dict]:
+          repeats: int, chooser: KernelChooser, norm: str = "bn") -> list[dict]:
     torch.manual_seed(0)
-    sub = lcs.convert(lcs.models.create(name, num_classes=10 if name == "cpreresnet20" else 1000),
+    sub = lcs.convert(lcs.models.create(name, num_classes=10 if name == "cpreresnet20" else 1000, norm=norm),
                       lcs.UnstructuredConfig(geometry="point", d_min=min(densities)))
     sub.model.eval()
     rows = []
@@ -65,8 +65,9 @@ def bench(name: str, shape: tuple[int, ...], batches: tuple[int, ...], densities
             md, ms = statistics.median(td), statistics.median(ts)
             chosen = [v.get(b, "dense") for v in kernel_report(fast).values()]
             sparse = sum(k != "dense" for k in chosen)
-            row = {"model": name, "density": d, "batch": b, "dense_ms": md, "sparse_ms": ms, "speedup": md / ms,
-                   "sparse_layers": sparse, "csr_layers": chosen.count("csr"), "direct_layers": chosen.count("direct"),
+            row = {"model": name, "norm": norm, "density": d, "batch": b, "dense_ms": md, "sparse_ms": ms,
+                   "speedup": md / ms, "sparse_layers": sparse, "csr_layers": chosen.count("csr"),
+                   "direct_layers": chosen.count("direct"),
                    "compressed_layers": len(sub.compressed), "max_abs_diff": err}
             rows.append(row)
             print(f"{name:>13} d={d:<5g} b{b:<3d} dense {md:8.2f} ms  fast {ms:8.2f} ms  {md / ms:5.2f}x  "
@@ -80,6 +81,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--models", default="cpreresnet20,resnet18")
+    p.add_argument("--norm", default="bn", help="bn (the CIFAR-10 recipes': an affine map in eval mode) "
+                                                "or gn (computes statistics at inference: a larger fixed cost)")
     p.add_argument("--json", default="benchmarks/results/sparse_speed.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,9 +90,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # a fresh decision cache: every choice measured in this run
         chooser = KernelChooser(path=str(Path(tmp) / "kernels.json"))
         rows = [r for name, shape, batches, densities in CASES if name in args.models.split(",")
-                for r in bench(name, shape, batches, densities, args.repeats, chooser)]
+                for r in bench(name, shape, batches, densities, args.repeats, chooser, args.norm)]
     out = {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
-           "threads": args.threads, "rows": rows}
+           "threads": args.threads, "norm": args.norm, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     worst = min(r["speedup"] for r in rows)
