@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=12.0)
     ap.add_argument("--load-at", type=float, default=4.0)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--norm", help="the default subspace's norm (default: the regime's; bn is the CIFAR-10 recipes')")
     ap.add_argument("--budget-factor", type=float, default=1.5, help="budget = factor × unloaded latency at α=1")
     ap.add_argument("--quantile", type=float, default=0.9, help="the controller's quantile of recent slowdowns")
     ap.add_argument("--window", type=int, default=16, help="how many recent slowdowns the quantile is of")
@@ -51,7 +52,7 @@ def main() -> None:
             torch.manual_seed(0)
             from lcs.regimes import record_of
 
-            norm = record_of(args.regime).default_norms.get(None, "gn")
+            norm = args.norm or record_of(args.regime).default_norms.get(None, "gn")
             shape, classes = INPUTS[args.model]
             kwargs = {"num_classes": classes, "norm": norm}
             sub = lcs.convert(lcs.models.create(args.model, **kwargs), record_of(args.regime).config())
