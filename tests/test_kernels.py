@@ -229,3 +229,17 @@ def test_direct_kernel_is_only_offered_where_it_applies():
     assert not direct.eligible(nn.Linear(4, 4))
     assert direct.eligible(nn.Conv2d(4, 4, 3, stride=2, padding=1))
     assert KernelChooser.candidates(SparseLinear(4, 4)) == ("dense", "csr")
+
+
+def test_a_cached_direct_choice_is_not_used_where_direct_cannot_run(tmp_path, monkeypatch):
+    path = tmp_path / "kernels.json"
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.05)
+    net = nn.Sequential(conv)
+    x = torch.randn(2, 8, 8, 8)
+    accelerate(net, chooser=KernelChooser(path=""))  # for the key: the layer's density is set here
+    key = KernelChooser.key(net[0], x)
+    path.write_text(json.dumps({key: {"kernel": "direct", "dense_ms": 1.0, "csr_ms": 0.7, "direct_ms": 0.1}}))
+    monkeypatch.setattr(direct, "available", lambda: False)  # e.g. numba missing in this environment
+    assert KernelChooser(path=str(path)).decide(net[0], x) == "csr"

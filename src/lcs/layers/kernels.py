@@ -17,8 +17,8 @@ shape, once per (machine, layer shape, input size, batch, density bucket), and c
 
 ``accelerate(net)`` turns a plain network's compressible layers into ``SparseConv2d`` /
 ``SparseLinear``: subclasses with the same parameters and state dict (the dense weight stays, so
-artifacts, ONNX export and ``load_state_dict`` see an ordinary layer) plus a CSR copy of the weight
-and, per batch size, the kernel that won. ``kernel_report(net)`` says which kernel each layer runs.
+artifacts, ONNX export and ``load_state_dict`` see an ordinary layer) plus its sparse copies (built
+on first use) and, per batch size, the kernel that won. ``kernel_report(net)`` says which kernel each layer runs.
 
 Deploy side: imports only torch, the standard library and (lazily, for ``direct``) numba.
 """
@@ -275,7 +275,8 @@ class KernelChooser:
         with self._lock:
             hit = self._table.get(key)
         if hit is not None:  # timings are cached, the margin is applied now
-            return self.choose({k: hit[f"{k}_ms"] for k in KERNELS if f"{k}_ms" in hit})
+            # only kernels that can run here (a cache written where numba was installed may name direct)
+            return self.choose({k: hit[f"{k}_ms"] for k in self.candidates(layer) if f"{k}_ms" in hit})
         with torch.no_grad():
             timings = {k: self._time(functools.partial(layer.run, k), x) for k in self.candidates(layer)}
         kernel = self.choose(timings)
