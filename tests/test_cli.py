@@ -66,7 +66,9 @@ def test_plot_epochs_draws_each_runs_training_curve(run_dir, tmp_path, capsys):
     out = tmp_path / "epochs.png"
     assert main(["plot", "--epochs", str(run_dir), "--out", str(out)]) == 0
     assert out.stat().st_size > 1000
+    assert main(["plot", "--epochs", str(run_dir), f"{run_dir}@3", "--out", str(out)]) == 0  # shifted by 3
     _one_line_error(capsys, ["plot", "--epochs", str(tmp_path), "--out", str(out)], "metrics.jsonl")
+    _one_line_error(capsys, ["plot", "--epochs", f"{run_dir}@x", "--out", str(out)], "RUN@EPOCHS")
 
 
 def _one_line_error(capsys, argv, match):

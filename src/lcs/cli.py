@@ -235,7 +235,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         if args.x:
             raise LcsError("--epochs plots accuracy per epoch: drop --x")
         curves = []
-        for run in args.runs:
+        for spec in args.runs:
+            run, _, shift = spec.partition("@")  # RUN@N: epochs shifted by N (a run seeded from another's model)
+            if shift and not shift.isdigit():
+                raise LcsError(f"--epochs takes RUN or RUN@EPOCHS, got {spec!r}")
             path = Path(run) / "metrics.jsonl"
             if not path.is_file():
                 raise LcsError(f"{path} not found: --epochs takes run directories")
@@ -245,7 +248,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
                 raise LcsError(f"{path} is not an lcs metrics file ({e})") from None
             if _run_method(run) == "target":  # one network: it has no efficient end
                 records = [{k: v for k, v in r.items() if not k.startswith("val_acc_lo")} for r in records]
-            curves.append((Path(run).name, records))
+            if shift:
+                records = [{**r, "epoch": r["epoch"] + int(shift)} for r in records if "epoch" in r]
+            curves.append((Path(run).name + (f" (from epoch {shift})" if shift else ""), records))
         plot_epochs(curves, args.out)
         print(f"wrote {args.out}")
         return 0
@@ -477,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--x", choices=["sparsity", "overall_sparsity", "bytes", "macs", "params", "width", "bits"],
                     help="x axis (default: params for structured runs, sparsity otherwise)")
     pl.add_argument("--epochs", action="store_true",
-                    help="validation accuracy per epoch at both ends, from each run's metrics.jsonl")
+                    help="validation accuracy per epoch at both ends, from each run's metrics.jsonl "
+                         "(RUN@N shifts a run's epochs by N, e.g. one started from another run's model)")
     pl.set_defaults(fn=_cmd_plot)
 
     x = sp.add_parser("export", help="write the compressed network at α (or the whole subspace)")
