@@ -104,7 +104,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         shutdown_distributed(trainer.dist)
     if records:
         last = records[-1]
-        lo, hi = trainer.method.val_range or trainer.sub.alpha_range
+        lo, hi = trainer.val_range
         acc = (f"val acc {last['val_acc_hi']:.4f} at the accurate end, {last['val_acc_lo']:.4f} at the efficient end"
                if lo != hi else f"val acc {last['val_acc_hi']:.4f} at its α = {hi:g}")
         print(f"trained {cfg.method.regime}/{cfg.method.name} for {last['epoch']} epochs: {acc}; run in {out}")

@@ -99,7 +99,10 @@ class BudgetController:
             for k, v in r.items():
                 if k.startswith(key + "_t") and k[len(key) + 2:].isdigit():
                     per_thread.setdefault(int(k[len(key) + 2:]), []).append((float(r["alpha"]), float(v)))
-        self._tables = {t: sorted(pts) for t, pts in per_thread.items() if len(pts) == len(points)}
+        tables = {t: sorted(pts) for t, pts in per_thread.items() if len(pts) == len(points)}
+        # the table for each count the governor can pick (the nearest profiled one), resolved once
+        self._by_threads = {n: tables.get(n) or tables[min(tables, key=lambda t: abs(math.log(t / n)))]
+                            for n in range(1, governor.max_threads + 1)} if governor is not None and tables else {}
         self.rt, self.budget_ms, self._points = rt, float(budget_ms), points
         self.smoothing, self.margin, self.dwell, self.jump, self.clock = smoothing, margin, dwell, jump, clock
         if not (0.0 < quantile <= 1.0) or window < 1:
@@ -122,10 +125,7 @@ class BudgetController:
     def points(self) -> list[tuple[float, float]]:
         """(α, profiled latency) at the thread count the requests run with now: the governor's, when
         the profile measured per thread count (the nearest one it measured), else the profile's own."""
-        if self.governor is None or not self._tables:
-            return self._points
-        t = self.governor.threads
-        return self._tables.get(t) or self._tables[min(self._tables, key=lambda n: abs(math.log(n / t)))]
+        return self._by_threads[self.governor.threads] if self._by_threads else self._points
 
     def profiled_ms(self, alpha: float) -> float:
         """Profile latency at α (linear interpolation between profiled points)."""

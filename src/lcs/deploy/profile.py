@@ -51,6 +51,11 @@ def thread_counts(most: int | None = None) -> list[int]:
     return sorted(counts)
 
 
+def _repeats(batch: int, repeats: int) -> int:
+    """Timed calls per latency measurement: big batches get fewer, longer ones."""
+    return repeats if batch <= 8 else max(5, repeats // 4)
+
+
 def p90(values: Sequence[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
@@ -96,8 +101,7 @@ def profile_runtime(rt: Runtime, grid: Sequence[Any], batches: Sequence[int], in
         rec["first_batch_ms"] = statistics.median(firsts)
         rec["cached_switch_ms"] = statistics.median(cached)
         for b in batches:
-            reps = repeats if b <= 8 else max(5, repeats // 4)  # big batches: fewer, longer runs
-            times = measure_latency(rt, torch.randn(b, *input_shape), repeats=reps)
+            times = measure_latency(rt, torch.randn(b, *input_shape), repeats=_repeats(b, repeats))
             rec[f"latency_ms_b{b}"] = statistics.median(times)
             rec[f"p90_ms_b{b}"] = p90(times)
             rec[f"sparse_layers_b{b}"] = sparse_layer_count(rt.network, b)
@@ -106,11 +110,10 @@ def profile_runtime(rt: Runtime, grid: Sequence[Any], batches: Sequence[int], in
             for t in threads:
                 torch.set_num_threads(t)
                 for b in batches:
-                    reps = repeats if b <= 8 else max(5, repeats // 4)
                     key = f"latency_ms_b{b}"
                     rec[f"{key}_t{t}"] = (rec[key] if t == current else
                                           statistics.median(measure_latency(rt, torch.randn(b, *input_shape),
-                                                                            repeats=reps)))
+                                                                            repeats=_repeats(b, repeats))))
         finally:
             torch.set_num_threads(current)
         net = rt.network

@@ -147,26 +147,25 @@ class Runtime:
                 self._cache.move_to_end(key)
                 self._current = hit[:3]  # one assignment: readers see old or new
             else:
-                net = self._baker.network(kernels=self.kernels)
-                self._current = (self._sub.alpha, dict(levels), net)
-                self._remember(key, net)
+                self._current = (self._sub.alpha, dict(levels), self._baker.network(kernels=self.kernels))
+                self._remember(key, self._current)
             self.last_switch_cached = hit is not None
             self.last_switch_ms = (time.perf_counter() - t0) * 1e3
             return dict(levels)
 
-    def _remember(self, key: tuple, net: nn.Module) -> None:
-        """Cache ``net`` (the current network) under ``key``, evicting the least recently used."""
+    def _remember(self, key: tuple, entry: tuple[float, dict[str, float], nn.Module]) -> None:
+        """Cache ``entry`` (α, levels, network) under ``key``, evicting the least recently used."""
         if not self._cache_bytes:
             return
         own: dict[int, int] = {}  # data_ptr → bytes of the tensors this network does not share
-        for m in net.modules():
+        for m in entry[2].modules():
             for t in (*m._parameters.values(), *m._buffers.values()):
                 if t is not None and t.data_ptr() not in self._shared:
                     own[t.data_ptr()] = t.numel() * t.element_size()
         size = sum(own.values())
         if size > self._cache_bytes:
             return
-        self._cache[key] = (*self._current, size)
+        self._cache[key] = (*entry, size)
         while sum(entry[3] for entry in self._cache.values()) > self._cache_bytes:
             self._cache.popitem(last=False)
 

@@ -211,7 +211,7 @@ class Trainer:
             record = {"epoch": epoch + 1, "step": self.step, "lr": self.opt.param_groups[0]["lr"],
                       "train_loss": loss_sum / max(n, 1), "train_acc": acc_sum / max(n, 1),
                       "img_per_s": seen / max(elapsed, 1e-9), "epoch_seconds": elapsed}
-            lo, hi = self._val_range()
+            lo, hi = self.val_range
             record.update(self._validate(lo, hi))
             records.append(record)
             say = bar.write if bar is not None else (lambda msg: print(msg, flush=True))
@@ -243,7 +243,7 @@ class Trainer:
         t0 = time.perf_counter()
         if self.method.phase_start is not None:  # the regime's phase as it was at the last step
             self.record.phase(self.model, self.total_steps - 1 >= self.method.phase_start)
-        lo, hi = self._val_range()
+        lo, hi = self.val_range
         before = {tag: v for tag, v in self._validate(lo, hi).items() if tag.startswith("val_acc")}
         batches = (x for x, _ in train_batches(self.data, cfg.data.batch_size, epoch=cfg.optim.epochs,
                                                seed=cfg.run.seed, augment=cfg.data.augment, device=self.device))
@@ -267,7 +267,9 @@ class Trainer:
               + (f"  α={lo:g}: {change['lo']}" if lo != hi else ""), flush=True)
         return record
 
-    def _val_range(self) -> tuple[float, float]:
+    @property
+    def val_range(self) -> tuple[float, float]:
+        """The (efficient, accurate) α validated after each epoch: the method's point, or the range's ends."""
         return self.method.val_range or self.sub.alpha_range
 
     def _validate(self, lo: float, hi: float) -> dict[str, float]:
