@@ -43,9 +43,9 @@ def _kernel() -> Any:
         return None
 
     @numba.njit(parallel=True, fastmath={"contract"}, cache=True)  # FMAs; no reassociation
-    def accumulate(xf, channels, phases, plane, row, ptr, chan, phase, di, dj, vals, bias, out, ho, wo):
-        # acc[t] = bias[o] + Σ_n vals[n] · xf[start of plane (b, chan[n], phase[n]) + di[n]·row + dj[n] + t],
-        # t over the output rows laid out with the phase plane's row width; the valid columns go to out[b, o]
+    def accumulate(xf, sample, starts, ptr, vals, bias, out, ho, wo, row):
+        # acc[t] = bias[o] + Σ_n vals[n] · xf[b·sample + starts[n] + t], t over the output rows laid out
+        # with the phase plane's row width; the valid columns then go to out[b, o]
         batch, outs, _ = out.shape
         length = (ho - 1) * row + wo
         for bo in numba.prange(batch * outs):
@@ -53,15 +53,13 @@ def _kernel() -> Any:
             o = bo - b * outs
             acc = np.empty(length, np.float32)
             acc[:] = bias[o]
+            base = b * sample
             n, end = ptr[o], ptr[o + 1]
             while n + 8 <= end:  # eight nonzeros per pass: each acc element loaded and stored once per eight
-                s = np.empty(8, np.int64)
-                for q in range(8):
-                    s[q] = ((b * channels + chan[n + q]) * phases + phase[n + q]) * plane + di[n + q] * row + dj[n + q]
-                x0, x1, x2, x3 = xf[s[0]:s[0] + length], xf[s[1]:s[1] + length], xf[s[2]:s[2] + length], \
-                    xf[s[3]:s[3] + length]
-                x4, x5, x6, x7 = xf[s[4]:s[4] + length], xf[s[5]:s[5] + length], xf[s[6]:s[6] + length], \
-                    xf[s[7]:s[7] + length]
+                s0, s1, s2, s3 = base + starts[n], base + starts[n + 1], base + starts[n + 2], base + starts[n + 3]
+                s4, s5, s6, s7 = base + starts[n + 4], base + starts[n + 5], base + starts[n + 6], base + starts[n + 7]
+                x0, x1, x2, x3 = xf[s0:s0 + length], xf[s1:s1 + length], xf[s2:s2 + length], xf[s3:s3 + length]
+                x4, x5, x6, x7 = xf[s4:s4 + length], xf[s5:s5 + length], xf[s6:s6 + length], xf[s7:s7 + length]
                 w0, w1, w2, w3, w4, w5, w6, w7 = vals[n], vals[n + 1], vals[n + 2], vals[n + 3], vals[n + 4], \
                     vals[n + 5], vals[n + 6], vals[n + 7]
                 for t in range(length):
@@ -69,7 +67,7 @@ def _kernel() -> Any:
                         (w4 * x4[t] + w5 * x5[t] + w6 * x6[t] + w7 * x7[t])
                 n += 8
             while n < end:
-                s0 = ((b * channels + chan[n]) * phases + phase[n]) * plane + di[n] * row + dj[n]
+                s0 = base + starts[n]
                 x0 = xf[s0:s0 + length]
                 w0 = vals[n]
                 for t in range(length):
@@ -107,6 +105,16 @@ class DirectWeight:
         self.di, self.dj = (i // sh).astype(np.int64), (j // sw).astype(np.int64)
         self.vals = np.ascontiguousarray(w[o, c, i, j], dtype=np.float32)
         self.outs = w.shape[0]
+        self._starts: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def starts(self, phases: int, plane: int, row: int) -> np.ndarray:
+        """Where each nonzero's input run starts within one sample's phase planes (``phases`` planes
+        of ``plane`` elements, rows of ``row``), per input size, computed once rather than per sample
+        and pass inside the kernel."""
+        key = (phases, plane, row)
+        if key not in self._starts:
+            self._starts[key] = (self.chan * phases + self.phase) * plane + self.di * row + self.dj
+        return self._starts[key]
 
 
 def _phase_planes(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int, int, int, int]:
@@ -148,8 +156,9 @@ def direct_conv2d(x: torch.Tensor, weight: DirectWeight, conv: nn.Conv2d, bias: 
     n, c = planes.shape[:2]
     out = torch.empty(n, weight.outs, ho * wo)
     b = (bias.detach().float().contiguous() if bias is not None else torch.zeros(weight.outs)).numpy()
-    args = (planes.numpy().reshape(-1), c, planes.shape[2], hq * wq, wq, weight.ptr, weight.chan, weight.phase,
-            weight.di, weight.dj, weight.vals, b, out.numpy(), ho, wo)
+    phases = planes.shape[2]
+    args = (planes.numpy().reshape(-1), c * phases * hq * wq, weight.starts(phases, hq * wq, wq), weight.ptr,
+            weight.vals, b, out.numpy(), ho, wo, wq)
     global _THREAD_SAFE
     if _THREAD_SAFE:
         accumulate(*args)
