@@ -5,6 +5,9 @@ For each model and density: the plain network at that density (TopK of a convert
 accelerate`` (each layer on the kernel its micro-benchmark picked here), timed interleaved in one
 process (dense, sparse, dense, sparse, ...), so load changes hit both alike. Prints the speed-up
 (dense ms / sparse ms), how many layers run sparse, and checks the outputs agree; writes JSON.
+A third network, lcs's own path with every conv left dense (``accelerate(net, [])``: only the
+compiled max pool), separates what the sparse kernels buy (``speedup_vs_lcs_dense``) from what
+the pool kernel buys every α alike.
 
 Targets (issue 15): cPreResNet20 at density 0.05: ≥ 1.5× at batch 64, ≥ 1.3× at batch 1; ResNet18
 (224×224) at 0.05: ≥ 2.5× at batch 1, at 0.1: ≥ 2×; no density slower than 0.95× dense.
@@ -32,17 +35,17 @@ CASES = [("cpreresnet20", (3, 32, 32), (1, 64), (0.025, 0.05, 0.1, 0.25, 0.5, 1.
          ("resnet18", (3, 224, 224), (1,), (0.05, 0.1, 0.25, 0.5, 1.0))]
 
 
-def _interleaved(a, b, x: torch.Tensor, repeats: int) -> tuple[list[float], list[float]]:
-    ta, tb = [], []
+def _interleaved(fns: list, x: torch.Tensor, repeats: int) -> list[list[float]]:
+    times: list[list[float]] = [[] for _ in fns]
     with torch.no_grad():
-        for fn in (a, b):
+        for fn in fns:
             fn(x)
         for _ in range(repeats):
-            for fn, out in ((a, ta), (b, tb)):
+            for fn, out in zip(fns, times, strict=True):
                 t0 = time.perf_counter()
                 fn(x)
                 out.append((time.perf_counter() - t0) * 1e3)
-    return ta, tb
+    return times
 
 
 def bench(name: str, shape: tuple[int, ...], batches: tuple[int, ...], densities: tuple[float, ...],
@@ -54,6 +57,8 @@ def bench(name: str, shape: tuple[int, ...], batches: tuple[int, ...], densities
     rows = []
     for d in densities:
         dense = lcs.materialize(sub, d)
+        lcs_dense = lcs.materialize(sub, d)  # lcs's own path with every conv dense: isolates the sparse kernels
+        accelerate(lcs_dense, [], chooser=chooser)
         fast = lcs.materialize(sub, d)
         accelerate(fast, sub.compressed, chooser=chooser)
         for b in batches:
@@ -61,16 +66,18 @@ def bench(name: str, shape: tuple[int, ...], batches: tuple[int, ...], densities
             with torch.no_grad():
                 err = float((fast(x) - dense(x)).abs().max())  # also measures the kernel choice (cached)
             reps = repeats if b == 1 else max(5, repeats // 3)
-            td, ts = _interleaved(dense, fast, x, reps)
-            md, ms = statistics.median(td), statistics.median(ts)
+            td, tl, ts = _interleaved([dense, lcs_dense, fast], x, reps)
+            md, ml, ms = statistics.median(td), statistics.median(tl), statistics.median(ts)
             chosen = [v.get(b, "dense") for v in kernel_report(fast).values()]
             sparse = sum(k != "dense" for k in chosen)
             row = {"model": name, "norm": norm, "density": d, "batch": b, "dense_ms": md, "sparse_ms": ms,
-                   "speedup": md / ms, "sparse_layers": sparse, "csr_layers": chosen.count("csr"),
+                   "speedup": md / ms, "lcs_dense_ms": ml, "speedup_vs_lcs_dense": ml / ms,
+                   "sparse_layers": sparse, "csr_layers": chosen.count("csr"),
                    "direct_layers": chosen.count("direct"),
                    "compressed_layers": len(sub.compressed), "max_abs_diff": err}
             rows.append(row)
-            print(f"{name:>13} d={d:<5g} b{b:<3d} dense {md:8.2f} ms  fast {ms:8.2f} ms  {md / ms:5.2f}x  "
+            print(f"{name:>13} d={d:<5g} b{b:<3d} dense {md:8.2f} ms  lcs dense {ml:8.2f} ms  fast {ms:8.2f} ms  "
+                  f"{md / ms:5.2f}x ({ml / ms:4.2f}x lcs dense)  "
                   f"{sparse:2d}/{len(sub.compressed)} layers sparse ({chosen.count('direct')} direct)  "
                   f"max|diff| {err:.1e}", flush=True)
     return rows

@@ -243,3 +243,46 @@ def test_a_cached_direct_choice_is_not_used_where_direct_cannot_run(tmp_path, mo
     path.write_text(json.dumps({key: {"kernel": "direct", "dense_ms": 1.0, "csr_ms": 0.7, "direct_ms": 0.1}}))
     monkeypatch.setattr(direct, "available", lambda: False)  # e.g. numba missing in this environment
     assert KernelChooser(path=str(path)).decide(net[0], x) == "csr"
+
+
+@needs_numba
+@pytest.mark.parametrize("k,stride,padding,ceil", [(3, 2, 1, False), (2, 2, 0, False), (2, 2, 0, True),
+                                                   (3, 1, 1, False), (3, 3, 1, True), ((3, 2), (2, 1), (1, 0), False),
+                                                   (4, 3, 2, True)])
+@pytest.mark.parametrize("shape", [(2, 3, 9, 11), (5, 7, 8)])
+def test_compiled_max_pool_equals_torch_with_nan_and_inf(k, stride, padding, ceil, shape):
+    from lcs.layers.pool import FastMaxPool2d
+
+    g = torch.Generator().manual_seed(len(shape) + (k if isinstance(k, int) else 9))
+    x = torch.randn(*shape, generator=g)
+    x.view(-1)[[3, 40]] = float("nan")  # propagates, as in torch
+    x.view(-1)[[7, 60]] = float("-inf")
+    x.view(-1)[-1] = float("inf")
+    pool = FastMaxPool2d(k, stride, padding, ceil_mode=ceil)
+    with torch.no_grad():
+        out = pool(x)
+    ref = nn.functional.max_pool2d(x, k, stride, padding, ceil_mode=ceil)
+    assert out.shape == ref.shape
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
+@needs_numba
+def test_accelerate_pools_with_the_compiled_kernel_at_every_density_and_dense_kernels_undoes_it():
+    from lcs.layers.pool import FastMaxPool2d
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                        nn.MaxPool2d(2, return_indices=False, dilation=2)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        ref = net(x)
+        accelerate(net, chooser=Always("dense"))  # a dense conv: nothing sparse, the pool still swapped
+        assert type(net[2]) is FastMaxPool2d and type(net[3]) is nn.MaxPool2d  # dilated: torch's
+        assert torch.equal(net(x), ref)
+        y = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)  # torch's path
+        assert torch.equal(net[2](y), nn.functional.max_pool2d(y, 3, 2, 1))
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_()
+        net(xg).sum().backward()  # autograd takes torch's pool
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    dense_kernels(net)
+    assert type(net[2]) is nn.MaxPool2d

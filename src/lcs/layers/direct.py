@@ -150,8 +150,7 @@ def _phase_planes(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int, 
 def direct_conv2d(x: torch.Tensor, weight: DirectWeight, conv: nn.Conv2d, bias: torch.Tensor | None) -> torch.Tensor:
     """``conv(x)`` (float32, CPU) by direct sparse convolution; equal to ``F.conv2d`` up to float
     summation order."""
-    numba, accumulate = _kernel()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    accumulate = _kernel()[1]
     planes, ho, wo, hq, wq = _phase_planes(x.float(), conv)
     n, c = planes.shape[:2]
     out = torch.empty(n, weight.outs, ho * wo)
@@ -159,12 +158,21 @@ def direct_conv2d(x: torch.Tensor, weight: DirectWeight, conv: nn.Conv2d, bias: 
     phases = planes.shape[2]
     args = (planes.numpy().reshape(-1), c * phases * hq * wq, weight.starts(phases, hq * wq, wq), weight.ptr,
             weight.vals, b, out.numpy(), ho, wo, wq)
-    global _THREAD_SAFE
-    if _THREAD_SAFE:
-        accumulate(*args)
-    else:  # serving threads may call at once: serialize until the threading layer is known to allow it
-        with _LOCK:
-            accumulate(*args)
-            if _THREAD_SAFE is None:
-                _THREAD_SAFE = numba.threading_layer() in ("omp", "tbb")
+    call(accumulate, *args)
     return out.view(n, weight.outs, ho, wo)
+
+
+def call(kernel: Any, *args: Any) -> None:
+    """Run a compiled parallel kernel on torch's thread count (numba's pool is separate from torch's),
+    serialized until numba's threading layer is known to take concurrent calls (serving threads may
+    call at once; the workqueue layer does not allow it)."""
+    global _THREAD_SAFE
+    numba = _kernel()[0]
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    if _THREAD_SAFE:
+        kernel(*args)
+        return
+    with _LOCK:
+        kernel(*args)
+        if _THREAD_SAFE is None:
+            _THREAD_SAFE = numba.threading_layer() in ("omp", "tbb")

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import direct as direct_kernel
+from . import pool as pool_kernel
 
 __all__ = ["SparseConv2d", "SparseLinear", "accelerate", "dense_kernels", "kernel_report", "sparse_layer_count",
            "check_kernels", "KernelChooser",
@@ -194,7 +195,7 @@ class SparseLinear(_SparseMixin, nn.Linear):
     """An ``nn.Linear`` that runs as CSR × xᵀ for the batch sizes where that measured faster."""
 
 
-_PLAIN = {SparseConv2d: nn.Conv2d, SparseLinear: nn.Linear}
+_PLAIN = {SparseConv2d: nn.Conv2d, SparseLinear: nn.Linear, pool_kernel.FastMaxPool2d: nn.MaxPool2d}
 
 
 def _machine_key() -> str:
@@ -321,11 +322,17 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
     """Give each eligible layer (the named ``layers``, default every Conv2d / Linear) whose density is
     at most ``max_density`` a CSR copy of its weight and the per-batch kernel choice, in place.
     Inference then runs each on whichever kernel measured faster here (no-grad float32 only;
-    training and autograd always take the dense kernel). Returns how many layers may run sparse."""
+    training and autograd always take the dense kernel). Every ``nn.MaxPool2d`` (named or not, at
+    any density) pools NCHW inputs with the compiled kernel of ``lcs.layers.pool`` where numba is
+    installed: PyTorch's is 4–10× slower on them. Returns how many layers may run sparse."""
     chooser = chooser or default_chooser()
     names = set(layers) if layers is not None else None
+    fast_pool = direct_kernel.available()
     n = 0
     for fqn, m in net.named_modules():
+        if fast_pool and pool_kernel.eligible(m):
+            m.__class__ = pool_kernel.FastMaxPool2d
+            continue
         if (names is not None and fqn not in names) or not _eligible(m) or m.weight.device.type != "cpu":
             continue
         w = m.weight.detach()
@@ -344,7 +351,8 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
 
 
 def dense_kernels(net: nn.Module) -> nn.Module:
-    """Undo ``accelerate`` in place: plain ``nn.Conv2d`` / ``nn.Linear`` again (for ONNX export, training)."""
+    """Undo ``accelerate`` in place: plain ``nn.Conv2d`` / ``nn.Linear`` / ``nn.MaxPool2d`` again (for ONNX
+    export, training)."""
     for m in net.modules():
         plain = _PLAIN.get(type(m))
         if plain is not None:
