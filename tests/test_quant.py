@@ -147,6 +147,22 @@ def test_fake_quantize_equals_torch_kernel(bits):
     assert 0 < int((gx == 0).sum()) < x.numel()  # some values were clamped
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("kind", ["normal", "tiny", "positive", "negative", "zero", "huge"])
+def test_the_bakes_scalar_fake_quantization_equals_the_training_path_bit_for_bit(bits, kind):
+    from lcs.layers.quant import fake_quantize_values, scalar_qparams, weight_qparams
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(16, 8, 3, 3, generator=g)
+    w = {"normal": w, "tiny": w * 1e-7, "positive": w.abs() + 0.3, "negative": -w.abs() - 0.01,
+         "zero": torch.zeros_like(w), "huge": w * 1e6}[kind]
+    scale, zp = weight_qparams(w, bits)
+    lo, hi = torch.aminmax(w)
+    s, z = scalar_qparams(float(lo), float(hi), bits)
+    assert torch.equal(torch.tensor(s, dtype=torch.float32), scale) and z == int(zp)
+    assert torch.equal(fake_quantize_values(w, s, z, bits), fake_quantize(w, scale, zp, bits))
+
+
 def test_observer_updates_in_training_and_freezes_in_eval():
     conv = torch.nn.Conv2d(2, 2, 1)
     lq = attach_layer_quant(conv, bits=4)

@@ -105,6 +105,7 @@ class DirectWeight:
         self.di, self.dj = (i // sh).astype(np.int64), (j // sw).astype(np.int64)
         self.vals = np.ascontiguousarray(w[o, c, i, j], dtype=np.float32)
         self.outs = w.shape[0]
+        self.no_bias = np.zeros(self.outs, np.float32)  # for bias-free convs: not allocated per call
         self._starts: dict[tuple[int, int, int], np.ndarray] = {}
 
     def starts(self, phases: int, plane: int, row: int) -> np.ndarray:
@@ -154,7 +155,7 @@ def direct_conv2d(x: torch.Tensor, weight: DirectWeight, conv: nn.Conv2d, bias: 
     planes, ho, wo, hq, wq = _phase_planes(x.float(), conv)
     n, c = planes.shape[:2]
     out = torch.empty(n, weight.outs, ho * wo)
-    b = (bias.detach().float().contiguous() if bias is not None else torch.zeros(weight.outs)).numpy()
+    b = bias.detach().float().contiguous().numpy() if bias is not None else weight.no_bias
     phases = planes.shape[2]
     args = (planes.numpy().reshape(-1), c * phases * hq * wq, weight.starts(phases, hq * wq, wq), weight.ptr,
             weight.vals, b, out.numpy(), ho, wo, wq)
