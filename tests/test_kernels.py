@@ -286,3 +286,65 @@ def test_accelerate_pools_with_the_compiled_kernel_at_every_density_and_dense_ke
     assert xg.grad is not None and xg.grad.abs().sum() > 0
     dense_kernels(net)
     assert type(net[2]) is nn.MaxPool2d
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16, affine=False), nn.ReLU(),
+                        nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.3, 3)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 2)
+                m.bias.data.uniform_(-1, 1)
+        if isinstance(m, nn.Conv2d):
+            m.weight.data *= torch.rand_like(m.weight) < 0.1
+    net[6].weight.data = torch.randn_like(net[6].weight)  # dense: stays nn.Conv2d, its BN unfolded
+    return net.eval()
+
+
+@pytest.mark.parametrize("kernel", ["csr", pytest.param("direct", marks=needs_numba), "dense"])
+def test_batchnorm_folded_into_sparse_convs_computes_the_same_and_keeps_the_state_dict(kernel):
+    from lcs.layers.kernels import FoldedBatchNorm2d, batchnorm_folds
+
+    net = _bn_net()
+    assert batchnorm_folds(net) == {"0": "1", "3": "4", "6": "7"}
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(3, 3, 10, 10)
+    with torch.no_grad():
+        ref = net(x)
+        accelerate(net, chooser=Always(kernel))
+        out = net(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert [type(net[i]) for i in (1, 4, 7)] == [FoldedBatchNorm2d, FoldedBatchNorm2d, nn.BatchNorm2d]
+    assert net.state_dict().keys() == state.keys()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+    net.train()  # batch statistics: the folded weights no longer hold, every conv runs dense + its BN
+    plain = dense_kernels(copy.deepcopy(net)).train()
+    assert type(plain[1]) is nn.BatchNorm2d and "lcs_fold" not in plain[0].__dict__
+    with torch.no_grad():
+        assert torch.allclose(net(x), plain(x), atol=1e-5)
+
+
+def test_a_model_that_cannot_be_traced_is_accelerated_without_folding():
+    from lcs.layers.kernels import batchnorm_folds
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x  # data-dependent: fx cannot trace it
+
+    net = Branchy().eval()
+    net.conv.weight.data *= torch.rand_like(net.conv.weight) < 0.1
+    assert batchnorm_folds(net) == {}
+    x = torch.rand(2, 3, 6, 6)
+    with torch.no_grad():
+        ref = net(x)
+        assert accelerate(net, chooser=Always("csr")) == 1
+        assert torch.allclose(net(x), ref, atol=1e-5) and type(net.bn) is nn.BatchNorm2d

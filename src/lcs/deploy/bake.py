@@ -9,7 +9,8 @@ then builds the network at α (or at a dict of levels) in four steps shared by e
    quantization grid), without parametrize's per-access machinery;
 3. BatchNorm statistics of the point's row, merged into convs where the regime folded them, then
    the regime's finishing steps (``Regime.finish``: fix the input quantizers' bits, slim down);
-4. optionally, CSR kernels for layers that measured faster sparse on this machine (``lcs.layers.kernels``).
+4. optionally, sparse kernels for layers that measured faster sparse on this machine, with the
+   BatchNorm that reads each folded into it, and the compiled max pool (``lcs.layers.kernels``).
 
 ``lcs.materialize`` and ``lcs.Runtime.set_alpha`` both call it. Deploy side: torch only.
 """
@@ -24,7 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..layers.bn_stats import freeze_bn_stats
-from ..layers.kernels import accelerate, check_kernels
+from ..layers.kernels import accelerate, batchnorm_folds, check_kernels
 from ..layers.quant import fold_batchnorm
 from ..regimes import BakeContext, Point, record_of
 from ..subspace import Subspace
@@ -90,6 +91,7 @@ class Baker:
                 for name, plist in m.parametrizations.items():
                     originals = [getattr(plist, n) for n in ("original0", "original1") if hasattr(plist, n)]
                     self.chains.append((fqn, name, originals or [plist.original], list(plist)))
+        self._folds: dict[str, str] | None = None
         self.context = BakeContext(alpha=sub.alpha, levels=sub.levels, config=sub.config, template=self.template,
                                    input_shape=tuple(input_shape or sub.input_shape or ()) or None)
 
@@ -126,8 +128,10 @@ class Baker:
         fold_batchnorm(freeze_bn_stats(net, alpha, levels))
         for step in self.record.finish:
             step(net, ctx)
-        if check_kernels(kernels) == "auto":  # mostly-zero layers: CSR kernels where they measured faster here
-            accelerate(net, sub.compressed)
+        if check_kernels(kernels) == "auto":  # mostly-zero layers: sparse kernels where they measured faster here
+            if self._folds is None:  # which BatchNorms could fold into their convs: one trace per Baker
+                self._folds = batchnorm_folds(self.template)
+            accelerate(net, sub.compressed, folds=self._folds)
         return net
 
 

@@ -44,7 +44,8 @@ from torch import nn
 from . import direct as direct_kernel
 from . import pool as pool_kernel
 
-__all__ = ["SparseConv2d", "SparseLinear", "accelerate", "dense_kernels", "kernel_report", "sparse_layer_count",
+__all__ = ["SparseConv2d", "SparseLinear", "FoldedBatchNorm2d", "accelerate", "batchnorm_folds", "dense_kernels",
+           "kernel_report", "sparse_layer_count",
            "check_kernels", "KernelChooser",
            "MAX_DENSITY", "csr_conv2d", "csr_linear", "conv_columns"]
 
@@ -129,41 +130,58 @@ class _SparseMixin:
     lcs_decisions: dict[int, str]
     lcs_chooser: KernelChooser | None
 
+    def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) the sparse kernels compute with, built once: the layer's own, or, where
+        ``accelerate`` folded the BatchNorm that reads this conv (``lcs_fold``), W·s and β + s·(b − μ)
+        with s = γ/√(σ² + ε): the same zeros, and the norm's pass over the output is gone."""
+        eff = self.__dict__.get("lcs_effective")
+        if eff is None:
+            w = self.weight.detach()
+            b = self.bias.detach() if self.bias is not None else None
+            bn = self.__dict__.get("lcs_fold")
+            if bn is not None:
+                s = torch.rsqrt(bn.running_var + bn.eps)
+                shift = -bn.running_mean * s
+                if bn.affine:
+                    s, shift = s * bn.weight.detach(), shift * bn.weight.detach() + bn.bias.detach()
+                w = w * s.view(-1, *([1] * (w.dim() - 1)))
+                b = shift if b is None else shift + s * b
+            eff = self.__dict__["lcs_effective"] = (w, b)
+        return eff
+
     def csr(self) -> torch.Tensor:
         """The weight as a CSR matrix (rows: output channels), built once."""
         csr = self.__dict__.get("lcs_csr")
         if csr is None:  # two threads may both build it: the same value, one assignment wins
-            csr = self.__dict__["lcs_csr"] = _to_csr(self.weight.detach())
+            csr = self.__dict__["lcs_csr"] = _to_csr(self.effective()[0])
         return csr
 
     def direct(self) -> direct_kernel.DirectWeight:
         """The weight's nonzeros as the direct kernel reads them, built once."""
         packed = self.__dict__.get("lcs_direct")
         if packed is None:
-            packed = self.__dict__["lcs_direct"] = direct_kernel.DirectWeight(self.weight, self.stride)
+            packed = self.__dict__["lcs_direct"] = direct_kernel.DirectWeight(self.effective()[0], self.stride)
         return packed
 
     def __deepcopy__(self, memo: dict) -> nn.Module:
         # torch cannot deep-copy CSR tensors: copy the layer as a plain one; the copy builds its own
         # CSR weight on first use (the chooser is shared: it is a cache)
-        cls, csr, chooser = type(self), self.__dict__.pop("lcs_csr", None), self.__dict__.pop("lcs_chooser")
-        packed = self.__dict__.pop("lcs_direct", None)
+        cls, chooser = type(self), self.__dict__.pop("lcs_chooser")
+        built = {k: self.__dict__.pop(k) for k in _BUILT if k in self.__dict__}
         try:
             self.__class__ = _PLAIN[cls]
             new = copy.deepcopy(self, memo)
         finally:
             self.__class__, self.lcs_chooser = cls, chooser
-            if csr is not None:
-                self.__dict__["lcs_csr"] = csr
-            if packed is not None:
-                self.__dict__["lcs_direct"] = packed
+            self.__dict__.update(built)
         new.__class__ = cls
         new.lcs_chooser = chooser
         return new
 
     def _kernel(self, x: torch.Tensor) -> str:
         """The kernel for this input: "dense" for autograd and non-float32 inputs, else the measured choice."""
-        if x.dtype != torch.float32 or torch.is_grad_enabled():
+        fold = self.__dict__.get("lcs_fold")
+        if x.dtype != torch.float32 or torch.is_grad_enabled() or (fold is not None and fold.training):
             return "dense"
         batch = int(x.shape[0]) if x.dim() > 1 else 1
         if batch not in self.lcs_decisions and self.lcs_chooser is not None:
@@ -172,14 +190,16 @@ class _SparseMixin:
 
     def run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         """This layer's output on ``kernel`` (what the chooser times, and the forward pass runs)."""
-        if kernel == "dense":
-            return _PLAIN[type(self)].forward(self, x)
+        if kernel == "dense":  # the plain layer, then its folded BatchNorm's own forward (any mode)
+            y = _PLAIN[type(self)].forward(self, x)
+            fold = self.__dict__.get("lcs_fold")
+            return y if fold is None else nn.BatchNorm2d.forward(fold, y)
         if kernel == "csr":
             if isinstance(self, nn.Conv2d):
-                return csr_conv2d(x, self.csr(), self, self.bias)
+                return csr_conv2d(x, self.csr(), self, self.effective()[1])
             return csr_linear(x, self.csr(), self.bias)
         if kernel == "direct":
-            return direct_kernel.direct_conv2d(x, self.direct(), self, self.bias)
+            return direct_kernel.direct_conv2d(x, self.direct(), self, self.effective()[1])
         raise ValueError(f"unknown kernel {kernel!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +215,17 @@ class SparseLinear(_SparseMixin, nn.Linear):
     """An ``nn.Linear`` that runs as CSR × xᵀ for the batch sizes where that measured faster."""
 
 
-_PLAIN = {SparseConv2d: nn.Conv2d, SparseLinear: nn.Linear, pool_kernel.FastMaxPool2d: nn.MaxPool2d}
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d that the sparse conv before it applies (``accelerate``): it passes its input
+    through. Its parameters and statistics stay, so the state dict is the plain network's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+_PLAIN = {SparseConv2d: nn.Conv2d, SparseLinear: nn.Linear, pool_kernel.FastMaxPool2d: nn.MaxPool2d,
+          FoldedBatchNorm2d: nn.BatchNorm2d}
+_BUILT = ("lcs_csr", "lcs_direct", "lcs_effective")  # derived from the weight, rebuilt on first use
 
 
 def _machine_key() -> str:
@@ -248,7 +278,7 @@ class KernelChooser:
                      f"in{tuple(x.shape[2:])}")
         else:
             shape = f"linear{tuple(layer.weight.shape)}"
-        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}|k2"  # k2: dense, csr and direct timed
+        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}|k3"  # k3: dense, csr and direct, norm folded
 
     def _time(self, fn, x: torch.Tensor) -> float:
         fn(x)  # warm-up
@@ -316,18 +346,42 @@ def _eligible(m: nn.Module) -> bool:
     return type(m) is nn.Linear
 
 
+def batchnorm_folds(net: nn.Module) -> dict[str, str]:
+    """{conv: BatchNorm2d} for each BN that reads a plain conv's output and nothing else does (what
+    ``accelerate`` may fold into a sparse conv), from one ``torch.fx`` trace; {} for a model that
+    cannot be traced (folding is only a saving). Computed once per architecture by the callers
+    that bake many networks (``Baker``)."""
+    from ..errors import LcsError
+    from ..graph import norms_after_convs, trace
+
+    if not any(type(m) is nn.BatchNorm2d for m in net.modules()):
+        return {}
+    try:
+        graph, modules = trace(net, "folding BatchNorm into sparse convs")
+    except LcsError:
+        return {}
+    return {conv.target: bn.target for conv, bn in norms_after_convs(graph, modules, (nn.BatchNorm2d,))}
+
+
 @torch.no_grad()
 def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: KernelChooser | None = None,
-               max_density: float = MAX_DENSITY) -> int:
+               max_density: float = MAX_DENSITY, folds: dict[str, str] | None = None) -> int:
     """Give each eligible layer (the named ``layers``, default every Conv2d / Linear) whose density is
     at most ``max_density`` a CSR copy of its weight and the per-batch kernel choice, in place.
     Inference then runs each on whichever kernel measured faster here (no-grad float32 only;
     training and autograd always take the dense kernel). Every ``nn.MaxPool2d`` (named or not, at
     any density) pools NCHW inputs with the compiled kernel of ``lcs.layers.pool`` where numba is
-    installed: PyTorch's is 4–10× slower on them. Returns how many layers may run sparse."""
+    installed: PyTorch's is 4–10× slower on them.
+
+    A BatchNorm (eval statistics) that only reads a sparse conv's output is folded into that conv's
+    sparse weights (``folds``: {conv: bn}, by default traced here; see ``batchnorm_folds``) and
+    passes its input through (``FoldedBatchNorm2d``): at batch 64 the norms' passes over the
+    activations cost as much as the sparse convs. Returns how many layers may run sparse."""
     chooser = chooser or default_chooser()
     names = set(layers) if layers is not None else None
     fast_pool = direct_kernel.available()
+    if folds is None:
+        folds = batchnorm_folds(net)
     n = 0
     for fqn, m in net.named_modules():
         if fast_pool and pool_kernel.eligible(m):
@@ -343,11 +397,27 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
             continue
         m.__class__ = SparseConv2d if isinstance(m, nn.Conv2d) else SparseLinear
         d = m.__dict__  # plain attributes, written directly (nn.Module.__setattr__ is slow, and a switch pays it)
-        d.pop("lcs_csr", None)  # of an earlier weight, if any: rebuilt on first sparse use
-        d.pop("lcs_direct", None)
+        for k in _BUILT:  # of an earlier weight, if any: rebuilt on first sparse use
+            d.pop(k, None)
+        d.pop("lcs_fold", None)
         d["lcs_density"], d["lcs_decisions"], d["lcs_chooser"] = density, {}, chooser
+        bn = _foldable(net, folds.get(fqn))
+        if bn is not None:
+            d["lcs_fold"] = bn
+            bn.__class__ = FoldedBatchNorm2d
         n += 1
     return n
+
+
+def _foldable(net: nn.Module, bn_fqn: str | None) -> nn.Module | None:
+    if bn_fqn is None:
+        return None
+    try:
+        bn = net.get_submodule(bn_fqn)
+    except AttributeError:
+        return None
+    ok = type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None
+    return bn if ok else None
 
 
 def dense_kernels(net: nn.Module) -> nn.Module:
@@ -357,7 +427,7 @@ def dense_kernels(net: nn.Module) -> nn.Module:
         plain = _PLAIN.get(type(m))
         if plain is not None:
             m.__class__ = plain
-            for attr in ("lcs_csr", "lcs_direct", "lcs_density", "lcs_decisions", "lcs_chooser"):
+            for attr in (*_BUILT, "lcs_fold", "lcs_density", "lcs_decisions", "lcs_chooser"):
                 m.__dict__.pop(attr, None)
     return net
 
