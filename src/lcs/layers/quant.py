@@ -25,14 +25,14 @@ gradient is the straight-through estimator: the identity inside the representabl
 outside (``fake_quantize`` computes exactly what ``torch.fake_quantize_per_tensor_affine`` does,
 faster).
 
-Deploy side: imports only torch and numpy (``lcs.load_compressed`` and ``lcs.Runtime`` use it).
+Deploy side: imports only torch (``lcs.load_compressed`` and ``lcs.Runtime`` use it).
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -46,6 +46,7 @@ __all__ = ["MOMENTUM", "BITS_RANGE", "check_bits", "affine_qparams", "scalar_qpa
            "folded_structure", "prepare_bn_stats", "select_bn_stats", "freeze_bn_stats"]
 
 MOMENTUM = 0.1  # running min/max of activations (SPEC §1)
+_WEIGHT_QPARAMS = ("weight_scale", "weight_zero_point")
 BITS_RANGE = (2, 16)  # what fake quantization and the packed export support
 
 
@@ -72,21 +73,33 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch
     return scale, zero_point
 
 
+_F32 = struct.Struct("f")
+
+
+def _f32(v: float) -> float:
+    """``v`` rounded to the nearest float32 (as a Python float)."""
+    return _F32.unpack(_F32.pack(v))[0]
+
+
+_F32_1E_12 = _f32(1e-12)
+
+
 def scalar_qparams(lo: float, hi: float, bits: int) -> tuple[float, int]:
     """``affine_qparams`` on host scalars, in float32 arithmetic step for step (so bit for bit the same
     scale and zero point): for the bake, where tensor ops on one element cost more than the math."""
-    f32 = np.float32
+    # each step computed in double and rounded to float32: for one +, −, × or ÷ of float32 operands
+    # that is the float32 result exactly (double holds more than twice float32's precision)
     qmax = 2**bits - 1
-    lo32, hi32 = min(f32(lo), f32(0.0)), max(f32(hi), f32(0.0))
-    scale = max(f32(hi32 - lo32) / f32(qmax), f32(1e-12))
-    zero_point = int(min(max(np.round(f32(-lo32) / scale), f32(0.0)), f32(qmax)))
-    return float(scale), zero_point
+    lo32, hi32 = min(_f32(lo), 0.0), max(_f32(hi), 0.0)
+    scale = max(_f32(_f32(hi32 - lo32) / qmax), _F32_1E_12)
+    zero_point = int(min(max(round(_f32(-lo32 / scale)), 0), qmax))  # round(): half to even, as torch.round
+    return scale, zero_point
 
 
 def fake_quantize_values(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
     """``fake_quantize`` without autograd, for host-scalar qparams (a float32 scale as a float): the
     same float32 operations, so the same values."""
-    inv = float(np.float32(1.0) / np.float32(scale))  # what ``scale.reciprocal()`` gives in float32
+    inv = _f32(1.0 / scale)  # what ``scale.reciprocal()`` gives in float32
     qmax = 2**bits - 1
     return torch.mul(x, inv).round_().clamp_min_(-zero_point).clamp_max_(qmax - zero_point).mul_(scale)
 
@@ -191,7 +204,7 @@ class FakeQuant(nn.Module):
         lo, hi = torch.aminmax(w)
         scale, zero_point = scalar_qparams(float(lo), float(hi), bits)
         module.lcs_quant.set_weight_qparams(torch.tensor(scale, dtype=torch.float32),
-                                            torch.tensor(zero_point, dtype=torch.int32))
+                                            torch.tensor(zero_point, dtype=torch.int32), fresh=True)
         return fake_quantize_values(w, scale, zero_point, bits)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
@@ -232,11 +245,15 @@ class LayerQuant(nn.Module):
         self.active = bool(on)
         self.act_active.fill_(self.active)
 
-    def set_weight_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    def set_weight_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor, fresh: bool = False) -> None:
+        """Record the weight's grid. ``fresh``: the caller made these 0-dim float32 / int32 tensors
+        for this layer alone (the bake), so they are stored as they are, not converted and copied."""
         # written into the buffer dict directly: register_buffer's checks cost a switch ~0.8 ms on 21 layers
-        self._buffers["weight_scale"] = scale.detach().float().reshape(()).clone()
-        self._buffers["weight_zero_point"] = zero_point.detach().to(torch.int32).reshape(()).clone()
-        self._non_persistent_buffers_set.update(("weight_scale", "weight_zero_point"))
+        if not fresh:
+            scale = scale.detach().float().reshape(()).clone()
+            zero_point = zero_point.detach().to(torch.int32).reshape(()).clone()
+        self._buffers["weight_scale"], self._buffers["weight_zero_point"] = scale, zero_point
+        self._non_persistent_buffers_set.update(_WEIGHT_QPARAMS)
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
