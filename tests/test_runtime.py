@@ -162,36 +162,3 @@ def test_bad_files(tmp_path, artifact):
     lcs.save_compressed(lcs.materialize(artifact[1], 0.5), single, {"arch": ARCH})
     with pytest.raises(lcs.LcsError, match="not a subspace"):
         Runtime.load(single)
-
-
-@pytest.mark.parametrize("regime", ["unstructured", "sparse_quantized"])
-def test_bake_on_two_threads_builds_the_same_network_as_on_one(regime, monkeypatch):
-    from lcs.deploy import bake
-    from lcs.regimes import REGISTRY
-
-    monkeypatch.setattr(bake, "_PARALLEL_MIN", 0)  # every subspace takes the two-thread path
-    torch.manual_seed(0)
-    record = REGISTRY[regime]
-    model = lcs.models.create("cpreresnet20", num_classes=10, norm=record.default_norm("lcs_l"))
-    sub = lcs.convert(model, record.config(geometry="line"))
-    baker = bake.Baker(sub)
-    assert baker._pool is not None
-    threads = set()
-    evaluate = baker._evaluate
-    monkeypatch.setattr(baker, "_evaluate", lambda *a: (threads.add(threading.current_thread().name), evaluate(*a)))
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        point = 0.3
-        two = baker.network(point)
-    finally:
-        torch.set_num_threads(old)
-    assert len(threads) == 2  # the worker evaluated half of the chains
-    baker._pool = None
-    one = baker.network(point)
-    s1, s2 = one.state_dict(), two.state_dict()
-    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
-    layers = [m for m in two.modules() if hasattr(m, "lcs_quant")]
-    assert bool(layers) == (regime == "sparse_quantized")
-    for a, b in zip([m for m in one.modules() if hasattr(m, "lcs_quant")], layers, strict=True):
-        assert torch.equal(a.lcs_quant.weight_scale, b.lcs_quant.weight_scale)  # the export's grids too

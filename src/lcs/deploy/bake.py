@@ -6,9 +6,7 @@ then builds the network at α (or at a dict of levels) in four steps shared by e
 1. a new module tree sharing every tensor of the template (microseconds, not a deep copy);
 2. each parametrized tensor evaluated through its chain (line, then TopK / fake quantization; a
    parametrization with a ``bake`` method records what the export needs, e.g. a weight's
-   quantization grid), without parametrize's per-access machinery; with two or more torch threads
-   and ≥ 100k compressed elements, half the tensors on a worker thread (measured: a sparsity × bits
-   line's bake 16.9 → 14.7 ms, TopK being most of it);
+   quantization grid), without parametrize's per-access machinery;
 3. BatchNorm statistics of the point's row, merged into convs where the regime folded them, then
    the regime's finishing steps (``Regime.finish``: fix the input quantizers' bits, slim down);
 4. optionally, sparse kernels for layers that measured faster sparse on this machine, with the
@@ -19,9 +17,7 @@ then builds the network at α (or at a dict of levels) in four steps shared by e
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
-import functools
 from collections.abc import Mapping
 
 import torch
@@ -69,14 +65,6 @@ def share_structure(module: nn.Module) -> nn.Module:
     return new
 
 
-_PARALLEL_MIN = 100_000  # compressed elements below which a second thread costs more than it saves
-
-
-@functools.cache
-def _worker() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcs-bake")
-
-
 class Baker:
     """Builds plain networks at points of ``sub`` (see the module docstring).
 
@@ -104,11 +92,6 @@ class Baker:
                     originals = [getattr(plist, n) for n in ("original0", "original1") if hasattr(plist, n)]
                     self.chains.append((fqn, name, originals or [plist.original], list(plist)))
         self._folds: dict[str, str] | None = None
-        # the chains in two halves of equal work (elements through a TopK / quantizer), the second
-        # evaluated on a worker thread: torch.topk runs on one core per tensor and releases the GIL
-        work = sorted(self.chains, key=lambda c: -c[2][0].numel() * (len(c[3]) > 1))
-        self._halves = (work[0::2], work[1::2])
-        self._pool = _worker() if sum(c[2][0].numel() for c in work if len(c[3]) > 1) >= _PARALLEL_MIN else None
         self.context = BakeContext(alpha=sub.alpha, levels=sub.levels, config=sub.config, template=self.template,
                                    input_shape=tuple(input_shape or sub.input_shape or ()) or None)
 
@@ -125,19 +108,6 @@ class Baker:
             sub.state.alpha, sub.state.levels = old
         return net
 
-    def _evaluate(self, chains: list, modules: dict[str, nn.Module]) -> None:
-        """Each chain's tensor at the current point, written into the new network's parameter dicts."""
-        with torch.no_grad():
-            for fqn, name, originals, chain in chains:
-                # a point's first parametrization takes its one original; a line combines two
-                if len(originals) == 1:
-                    value, rest = originals[0], chain
-                else:
-                    value, rest = chain[0].forward(*originals), chain[1:]
-                for p in rest:
-                    value = p.bake(value, modules[fqn]) if hasattr(p, "bake") else p.forward(value)
-                modules[fqn]._parameters[name] = nn.Parameter(value.detach(), requires_grad=self.trainable)
-
     def _bake(self, kernels: str) -> nn.Module:
         sub, ctx = self.sub, self.context
         alpha, levels = sub.state.alpha, dict(sub.state.levels)
@@ -145,12 +115,15 @@ class Baker:
         self.template_state.alpha, self.template_state.levels = alpha, dict(levels)
         net = share_structure(self.template)
         modules = dict(net.named_modules())
-        if self._pool is not None and torch.get_num_threads() > 1:  # half the chains on a second thread
-            other = self._pool.submit(self._evaluate, self._halves[1], modules)
-            self._evaluate(self._halves[0], modules)
-            other.result()
-        else:
-            self._evaluate(self.chains, modules)
+        for fqn, name, originals, chain in self.chains:
+            # a point's first parametrization takes its one original; a line combines two
+            if len(originals) == 1:
+                value, rest = originals[0], chain
+            else:
+                value, rest = chain[0].forward(*originals), chain[1:]
+            for p in rest:
+                value = p.bake(value, modules[fqn]) if hasattr(p, "bake") else p.forward(value)
+            modules[fqn]._parameters[name] = nn.Parameter(value.detach(), requires_grad=self.trainable)
         # BatchNorm: the statistics of this point's row, merged into the conv where the regime folded it
         fold_batchnorm(freeze_bn_stats(net, alpha, levels))
         for step in self.record.finish:
