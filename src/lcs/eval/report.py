@@ -86,7 +86,7 @@ def plot_epochs(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.6, 4.4), dpi=120)  # wide: the legend sits outside, over no curve
     for i, (label, records) in enumerate(runs):
         color = f"C{i % 10}"
         curves = epoch_curves(records)
@@ -101,7 +101,7 @@ def plot_epochs(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str 
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
     ax.set_title(title or "validation accuracy per epoch (★: BN statistics re-estimated)", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
