@@ -278,7 +278,8 @@ class KernelChooser:
                      f"in{tuple(x.shape[2:])}")
         else:
             shape = f"linear{tuple(layer.weight.shape)}"
-        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}|k3"  # k3: dense, csr and direct, norm folded
+        folded = "|bn" if layer.__dict__.get("lcs_fold") is not None else ""  # its timings include the norm
+        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}{folded}|k3"  # k3: dense, csr and direct
 
     def _time(self, fn, x: torch.Tensor) -> float:
         fn(x)  # warm-up
