@@ -277,6 +277,9 @@ def test_accelerate_pools_with_the_compiled_kernel_at_every_density_and_dense_ke
         ref = net(x)
         accelerate(net, chooser=Always("dense"))  # a dense conv: nothing sparse, the pool still swapped
         assert type(net[2]) is FastMaxPool2d and type(net[3]) is nn.MaxPool2d  # dilated: torch's
+        from lcs.layers.pool import eligible
+
+        assert not eligible(nn.MaxPool2d(2, padding=2))  # torch refuses it: its error, not our guess
         assert torch.equal(net(x), ref)
         y = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)  # torch's path
         assert torch.equal(net[2](y), nn.functional.max_pool2d(y, 3, 2, 1))

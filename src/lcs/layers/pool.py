@@ -98,8 +98,12 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 def eligible(pool: nn.Module) -> bool:
-    """Max pools the kernel computes: no dilation, no indices returned."""
-    return (type(pool) is nn.MaxPool2d and _pair(pool.dilation) == (1, 1) and not pool.return_indices)
+    """Max pools the kernel computes: no dilation, no indices returned, padding at most half the
+    window (what PyTorch accepts; others keep PyTorch's pool and its error)."""
+    if type(pool) is not nn.MaxPool2d or _pair(pool.dilation) != (1, 1) or pool.return_indices:
+        return False
+    (kh, kw), (ph, pw) = _pair(pool.kernel_size), _pair(pool.padding)
+    return 2 * ph <= kh and 2 * pw <= kw
 
 
 def max_pool2d(x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
