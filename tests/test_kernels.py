@@ -325,6 +325,10 @@ def test_batchnorm_folded_into_sparse_convs_computes_the_same_and_keeps_the_stat
     assert [type(net[i]) for i in (1, 4, 7)] == [FoldedBatchNorm2d, FoldedBatchNorm2d, nn.BatchNorm2d]
     assert net.state_dict().keys() == state.keys()
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+    twin = copy.deepcopy(net)  # a copy folds into its own norms, not the original's
+    assert twin[0].__dict__["lcs_fold"] is twin[1] and twin[1] is not net[1]
+    with torch.no_grad():
+        assert torch.allclose(twin(x), ref, atol=1e-5)
     net.train()  # batch statistics: the folded weights no longer hold, every conv runs dense + its BN
     plain = dense_kernels(copy.deepcopy(net)).train()
     assert type(plain[1]) is nn.BatchNorm2d and "lcs_fold" not in plain[0].__dict__
