@@ -60,8 +60,8 @@ def bench(name: str, shape: tuple[int, ...], batches: tuple[int, ...], densities
         dense = lcs.materialize(sub, d)
         # the fastest dense network at hand: BatchNorm folded into the convs by torch.fx's inference
         # fusion, and the compiled max pool; beside it, the sparse kernels' own gain shows
-        lcs_dense = fuse(lcs.materialize(sub, d))
-        accelerate(lcs_dense, [], chooser=chooser)
+        best_dense = fuse(lcs.materialize(sub, d))
+        accelerate(best_dense, [], chooser=chooser)
         fast = lcs.materialize(sub, d)
         accelerate(fast, sub.compressed, chooser=chooser)
         for b in batches:
@@ -69,18 +69,18 @@ def bench(name: str, shape: tuple[int, ...], batches: tuple[int, ...], densities
             with torch.no_grad():
                 err = float((fast(x) - dense(x)).abs().max())  # also measures the kernel choice (cached)
             reps = repeats if b == 1 else max(5, repeats // 3)
-            td, tl, ts = _interleaved([dense, lcs_dense, fast], x, reps)
-            md, ml, ms = statistics.median(td), statistics.median(tl), statistics.median(ts)
+            td, tb, ts = _interleaved([dense, best_dense, fast], x, reps)
+            md, mb, ms = statistics.median(td), statistics.median(tb), statistics.median(ts)
             chosen = [v.get(b, "dense") for v in kernel_report(fast).values()]
             sparse = sum(k != "dense" for k in chosen)
             row = {"model": name, "norm": norm, "density": d, "batch": b, "dense_ms": md, "sparse_ms": ms,
-                   "speedup": md / ms, "best_dense_ms": ml, "speedup_vs_best_dense": ml / ms,
+                   "speedup": md / ms, "best_dense_ms": mb, "speedup_vs_best_dense": mb / ms,
                    "sparse_layers": sparse, "csr_layers": chosen.count("csr"),
                    "direct_layers": chosen.count("direct"),
                    "compressed_layers": len(sub.compressed), "max_abs_diff": err}
             rows.append(row)
-            print(f"{name:>13} d={d:<5g} b{b:<3d} dense {md:8.2f} ms  best dense {ml:8.2f} ms  fast {ms:8.2f} ms  "
-                  f"{md / ms:5.2f}x ({ml / ms:4.2f}x best dense)  "
+            print(f"{name:>13} d={d:<5g} b{b:<3d} dense {md:8.2f} ms  best dense {mb:8.2f} ms  fast {ms:8.2f} ms  "
+                  f"{md / ms:5.2f}x ({mb / ms:4.2f}x best dense)  "
                   f"{sparse:2d}/{len(sub.compressed)} layers sparse ({chosen.count('direct')} direct)  "
                   f"max|diff| {err:.1e}", flush=True)
     return rows

@@ -355,3 +355,16 @@ def test_a_model_that_cannot_be_traced_is_accelerated_without_folding():
         ref = net(x)
         assert accelerate(net, chooser=Always("csr")) == 1
         assert torch.allclose(net(x), ref, atol=1e-5) and type(net.bn) is nn.BatchNorm2d
+
+
+def test_accelerate_traces_for_folds_only_where_a_conv_goes_sparse(monkeypatch):
+    import lcs.layers.kernels as K
+
+    traced = []
+    monkeypatch.setattr(K, "batchnorm_folds", lambda net: traced.append(net) or {})
+    dense = _bn_net()
+    for m in dense.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data = torch.randn_like(m.weight)  # every conv dense: nothing to fold into
+    assert accelerate(dense, chooser=Always("csr")) == 0 and traced == []
+    assert accelerate(_bn_net(), chooser=Always("csr")) == 2 and len(traced) == 1

@@ -381,12 +381,10 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
     chooser = chooser or default_chooser()
     names = set(layers) if layers is not None else None
     fast_pool = direct_kernel.available()
-    if folds is None:
-        folds = batchnorm_folds(net)
-    n = 0
+    pools, sparse = [], []  # decided before any class changes: the fold trace needs the plain network
     for fqn, m in net.named_modules():
         if fast_pool and pool_kernel.eligible(m):
-            m.__class__ = pool_kernel.FastMaxPool2d
+            pools.append(m)
             continue
         if (names is not None and fqn not in names) or not _eligible(m) or m.weight.device.type != "cpu":
             continue
@@ -394,20 +392,24 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
         # nonzeros counted in float (|w|'s sign is 1 or 0): 2.7x faster than count_nonzero's bool kernel
         # here, exact below 2^24 elements and within rounding above
         density = float(w.abs().sign_().sum()) / max(1, w.numel())
-        if density > max_density:
-            continue
+        if density <= max_density:
+            sparse.append((fqn, m, density))
+    if folds is None and any(isinstance(m, nn.Conv2d) for _, m, _ in sparse):
+        folds = batchnorm_folds(net)  # traced only where a conv goes sparse (a dense network never is)
+    for m in pools:
+        m.__class__ = pool_kernel.FastMaxPool2d
+    for fqn, m, density in sparse:
         m.__class__ = SparseConv2d if isinstance(m, nn.Conv2d) else SparseLinear
         d = m.__dict__  # plain attributes, written directly (nn.Module.__setattr__ is slow, and a switch pays it)
         for k in _BUILT:  # of an earlier weight, if any: rebuilt on first sparse use
             d.pop(k, None)
         d.pop("lcs_fold", None)
         d["lcs_density"], d["lcs_decisions"], d["lcs_chooser"] = density, {}, chooser
-        bn = _foldable(net, folds.get(fqn))
+        bn = _foldable(net, (folds or {}).get(fqn))
         if bn is not None:
             d["lcs_fold"] = bn
             bn.__class__ = FoldedBatchNorm2d
-        n += 1
-    return n
+    return len(sparse)
 
 
 def _foldable(net: nn.Module, bn_fqn: str | None) -> nn.Module | None:
