@@ -6,7 +6,8 @@ then builds the network at α (or at a dict of levels) in four steps shared by e
 1. a new module tree sharing every tensor of the template (microseconds, not a deep copy);
 2. each parametrized tensor evaluated through its chain (line, then TopK / fake quantization; a
    parametrization with a ``bake`` method records what the export needs, e.g. a weight's
-   quantization grid), without parametrize's per-access machinery;
+   quantization grid), without parametrize's per-access machinery; a step whose type has
+   ``bake_many`` runs for every tensor at once (TopK: one compiled selection for all layers);
 3. BatchNorm statistics of the point's row, merged into convs where the regime folded them, then
    the regime's finishing steps (``Regime.finish``: fix the input quantizers' bits, slim down);
 4. optionally, sparse kernels for layers that measured faster sparse on this machine, with the
@@ -91,6 +92,9 @@ class Baker:
                 for name, plist in m.parametrizations.items():
                     originals = [getattr(plist, n) for n in ("original0", "original1") if hasattr(plist, n)]
                     self.chains.append((fqn, name, originals or [plist.original], list(plist)))
+        for kind in {type(p) for *_, chain in self.chains for p in chain}:
+            if hasattr(kind, "warm_up"):  # compiled steps load now, not in the first switch
+                kind.warm_up()
         self._folds: dict[str, str] | None = None
         self.context = BakeContext(alpha=sub.alpha, levels=sub.levels, config=sub.config, template=self.template,
                                    input_shape=tuple(input_shape or sub.input_shape or ()) or None)
@@ -115,12 +119,25 @@ class Baker:
         self.template_state.alpha, self.template_state.levels = alpha, dict(levels)
         net = share_structure(self.template)
         modules = dict(net.named_modules())
-        for fqn, name, originals, chain in self.chains:
+        values, rests = [], []
+        for _, _, originals, chain in self.chains:
             # a point's first parametrization takes its one original; a line combines two
             if len(originals) == 1:
-                value, rest = originals[0], chain
+                values.append(originals[0])
+                rests.append(chain)
             else:
-                value, rest = chain[0].forward(*originals), chain[1:]
+                values.append(chain[0].forward(*originals))
+                rests.append(chain[1:])
+        # a step whose type bakes many tensors in one call (TopK: one compiled selection) does so here
+        groups: dict[type, list[int]] = {}
+        for i, rest in enumerate(rests):
+            if rest and hasattr(type(rest[0]), "bake_many"):
+                groups.setdefault(type(rest[0]), []).append(i)
+        for kind, idx in groups.items():
+            for i, value in zip(idx, kind.bake_many([rests[i][0] for i in idx], [values[i] for i in idx]),
+                                strict=True):
+                values[i], rests[i] = value, rests[i][1:]
+        for (fqn, name, _, _), value, rest in zip(self.chains, values, rests, strict=True):
             for p in rest:
                 value = p.bake(value, modules[fqn]) if hasattr(p, "bake") else p.forward(value)
             modules[fqn]._parameters[name] = nn.Parameter(value.detach(), requires_grad=self.trainable)

@@ -8,12 +8,14 @@ Registered on a weight, ``Line`` turns it into ``original0``/``original1`` and r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..ops import topk_sparsify
+from . import topk_batch
 
 __all__ = ["SubspaceState", "Line", "TopK"]
 
@@ -83,6 +85,17 @@ class TopK(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return topk_sparsify(w, self.state.levels[self.level])
+
+    @staticmethod
+    def bake_many(steps: Sequence[TopK], weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each step's forward on its weight, for all at once (what a switch runs; no gradients):
+        equal to the forwards, in one compiled call (``lcs.layers.topk_batch``)."""
+        return topk_batch.topk_sparsify_many(weights, [s.state.levels[s.level] for s in steps])
+
+    @staticmethod
+    def warm_up() -> None:
+        """Ready ``bake_many``'s compiled kernel (``Baker`` calls this once it sees a TopK)."""
+        topk_batch.warm_up()
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         return w
