@@ -169,3 +169,47 @@ def test_failed_moves_up_back_off_and_load_going_away_resets():
     assert over_fixed >= 60  # about one failure per dwell + 1 requests
     assert over_backoff <= 10 and ctl.failed_moves == over_backoff - 1  # the first request starts at 0.5
     assert 0.5 in alphas[300:300 + 2 * ctl.dwell + 2]  # load gone: back up within a couple of dwells
+
+
+class ColdSwitchRuntime(FakeRuntime):
+    """The first request after a switch takes twice its time (weights cold in the CPU caches)."""
+
+    def __init__(self):
+        super().__init__()
+        self._cold = False
+
+    def set_alpha(self, a):
+        self._cold = True
+        return super().set_alpha(a)
+
+    def __call__(self, x):
+        ms = {p["alpha"]: p["latency_ms_b1"] for p in PROFILE}[self.alpha] * self.load * (2.0 if self._cold else 1.0)
+        self._cold = False
+        self.now += ms / 1e3
+        return x
+
+
+def test_a_switch_penalty_is_learned_and_not_taken_for_load():
+    """Load phases of 1.0 and 1.6 move the controller between α = 0.5 (6 ms; its cold first request
+    12 ms, over the 8 ms budget) and 0.025. Learning that a first request costs 2× the next one, it
+    reads a cold first request as the switch's cost, not as load arriving, and tries the move that
+    costs it once per max_dwell requests. Blind to it (max_penalty=1), each cold first request looks
+    like load, the controller flees to α = 0.025, and its moves up back off until it stays there:
+    as many requests over budget, at a lower α."""
+    def run(max_penalty):
+        rt = ColdSwitchRuntime()
+        ctl = _controller(rt, budget_ms=8.0, margin=0.0, dwell=3, max_dwell=64, max_penalty=max_penalty)
+        over, alphas = 0, []
+        for load in ([1.0] * 30 + [1.6] * 30) * 8:
+            rt.load = load
+            _, decision = ctl(torch.zeros(1))
+            over += decision.latency_ms > ctl.budget_ms
+            alphas.append(decision.alpha)
+        return over, sum(alphas) / len(alphas), ctl
+
+    over, mean_alpha, ctl = run(4.0)
+    over_blind, mean_alpha_blind, blind = run(1.0)
+    assert ctl.switch_penalty == pytest.approx(2.0, abs=0.25)
+    assert blind.switch_penalty == 1.0
+    assert over <= over_blind <= 12
+    assert mean_alpha > mean_alpha_blind + 0.05

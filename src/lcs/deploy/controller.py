@@ -17,6 +17,13 @@ persists costs a few over-budget requests in all, not one per dwell; a move up t
 and so does the load going away (the load factor falling ``jump``× below the one the failed move
 trusted).
 
+The first request after a switch runs slower than the ones after it (measured here on ResNet18 at
+batch 1: 1.5–3× for a network fresh from the switch cache, whose weights are no longer in the CPU
+caches). The ratio of each switch's first request to the next one at the same α (the same load,
+so a load that arrives with the switch does not count as a penalty) is tracked as the *switch
+penalty*; a first request measures the load with that penalty taken out, and a move is made
+only to an α whose first request, so penalized, is predicted to fit.
+
 With a ``governor`` (``lcs.deploy.threads.ThreadGovernor``) it also runs with as many threads as
 the other processes leave cores free: on a contended CPU an OpenMP runtime with a thread per core
 stalls at every barrier (a 657 ms 90th percentile at batch 32 here, against 32 ms with one thread
@@ -71,6 +78,7 @@ class BudgetController:
         jump: a measured slowdown this far (×) from the load factor replaces it instead of being smoothed.
         max_dwell: the longest wait before moving up again after moves up kept failing.
         governor: sets the thread count from the CPU time other processes take (None: threads untouched).
+        max_penalty: the largest switch penalty learned (first request after a switch ÷ the next one).
         window, quantile: predictions scale the profile by this quantile of the last ``window`` ratios of
             measured to profiled latency (1.0: the worst; 0.5: the median).
         clock: seconds, monotonic (tests pass a simulated one).
@@ -79,7 +87,7 @@ class BudgetController:
     def __init__(self, rt: Runtime, profile: Sequence[dict[str, Any]] | dict[str, Any] | str | os.PathLike,
                  budget_ms: float, *, batch: int = 1, smoothing: float = 0.3, margin: float = 0.15, dwell: int = 3,
                  jump: float = 1.5, window: int = 16, quantile: float = 0.9, max_dwell: int = 64,
-                 governor: ThreadGovernor | None = None, clock=time.perf_counter):
+                 governor: ThreadGovernor | None = None, max_penalty: float = 4.0, clock=time.perf_counter):
         if isinstance(profile, (str, os.PathLike)):
             with open(profile) as f:
                 profile = json.load(f)
@@ -113,6 +121,7 @@ class BudgetController:
         self._since_switch = dwell
         self._up_dwell = dwell  # grows while moves up fail (back-off), back to ``dwell`` when one holds
         self.max_dwell = max(dwell, int(max_dwell))
+        self.max_penalty = max(1.0, float(max_penalty))
         self._moved_up_from: float | None = None  # the α left by the last move up, while it is on trial
         self._trusted_factor: float | None = None  # the load factor a failed move up trusted
         self.failed_moves = 0
@@ -120,6 +129,8 @@ class BudgetController:
         self._fresh = False  # the next measurement replaces the load factor (threads just changed)
         self._over = False  # the last request went over budget
         self.feasible = True
+        self.switch_penalty = 1.0  # first request after a switch ÷ the next one at that α (smoothed)
+        self._pending_first: tuple[float, float] | None = None  # (α, ms) of a switch's first request
 
     @property
     def points(self) -> list[tuple[float, float]]:
@@ -148,10 +159,18 @@ class BudgetController:
     def predicted_ms(self, alpha: float) -> float:
         return self.profiled_ms(alpha) * self.tail_factor
 
+    def predicted_first_ms(self, alpha: float) -> float:
+        """The next request's predicted latency at α: a move there pays the switch penalty, except
+        a move up after ``max_dwell`` requests in one place (one try per stay that long, so a large
+        penalty cannot hold the controller at a low α for good)."""
+        if alpha == self.rt.alpha or (alpha > self.rt.alpha and self._since_switch >= self.max_dwell):
+            return self.predicted_ms(alpha)
+        return self.predicted_ms(alpha) * self.switch_penalty
+
     def choose(self) -> float:
         """The α for the next request."""
         current = self.rt.alpha
-        fits = [a for a, _ in self.points if self.predicted_ms(a) <= self.budget_ms]
+        fits = [a for a, _ in self.points if self.predicted_first_ms(a) <= self.budget_ms]
         self.feasible = bool(fits)
         if not fits:
             return self.points[0][0]  # nothing fits: the most efficient point, and say so
@@ -159,7 +178,7 @@ class BudgetController:
         if best > current:
             if self._since_switch < self._up_dwell:
                 return current
-            up = [a for a in fits if a > current and self.predicted_ms(a) <= (1 - self.margin) * self.budget_ms]
+            up = [a for a in fits if a > current and self.predicted_first_ms(a) <= (1 - self.margin) * self.budget_ms]
             return max(up) if up else (current if current in fits else best)
         return best  # moving down is never delayed: the budget comes first
 
@@ -175,6 +194,18 @@ class BudgetController:
         else:
             self.load_factor += self.smoothing * (ratio - self.load_factor)
         self._ratios.append(ratio)
+
+    def _learn(self, alpha: float, ms: float, switched: bool) -> None:
+        """Learn the load from one request, a switch's first request with the switch penalty taken
+        out; the request after it at the same α (the same load) measures that penalty."""
+        pending, self._pending_first = self._pending_first, None
+        if pending is not None and pending[0] == alpha and not switched:
+            ratio = min(max(pending[1] / max(ms, 1e-6), 1.0), self.max_penalty)
+            self.switch_penalty += self.smoothing * (ratio - self.switch_penalty)
+        if switched:
+            self._pending_first = (alpha, ms)
+            ms /= self.switch_penalty
+        self.observe(alpha, ms)
 
     def _judge_move_up(self, latency_ms: float, trusted_factor: float) -> None:
         """A move up on trial fails with its first request over budget (back off: double the wait
@@ -197,19 +228,20 @@ class BudgetController:
         if self.governor is not None and self.governor.decide(force=self._over) is not None:
             self._ratios.clear()
             self._fresh = True
+        current = self.rt.alpha  # before choose(): predictions compare against the α served now
         alpha = self.choose()
-        current = self.rt.alpha
         if alpha != current:
             self._moved_up_from = current if alpha > current else None
             self.rt.set_alpha(alpha)
             self._since_switch = 0
         else:
             self._since_switch += 1
-        predicted, trusted = self.predicted_ms(alpha), self.tail_factor
+        switched = self._since_switch == 0
+        predicted, trusted = self.predicted_first_ms(alpha) if switched else self.predicted_ms(alpha), self.tail_factor
         t0 = self.clock()
         y = self.rt(x)
         ms = (self.clock() - t0) * 1e3
-        self.observe(alpha, ms)
+        self._learn(alpha, ms, switched)
         self._judge_move_up(ms, trusted)
         self._over = ms > self.budget_ms  # the governor looks again at once
         threads = self.governor.threads if self.governor is not None else None
