@@ -86,7 +86,7 @@ class BudgetController:
 
     def __init__(self, rt: Runtime, profile: Sequence[dict[str, Any]] | dict[str, Any] | str | os.PathLike,
                  budget_ms: float, *, batch: int = 1, smoothing: float = 0.3, margin: float = 0.15, dwell: int = 3,
-                 jump: float = 1.5, window: int = 16, quantile: float = 0.9, max_dwell: int = 64,
+                 jump: float = 1.5, window: int = 32, quantile: float = 0.95, max_dwell: int = 64,
                  governor: ThreadGovernor | None = None, max_penalty: float = 4.0, clock=time.perf_counter):
         if isinstance(profile, (str, os.PathLike)):
             with open(profile) as f:
