@@ -213,3 +213,14 @@ def test_a_switch_penalty_is_learned_and_not_taken_for_load():
     assert blind.switch_penalty == 1.0
     assert over <= over_blind <= 12
     assert mean_alpha > mean_alpha_blind + 0.05
+
+
+def test_a_switch_reports_its_penalized_prediction():
+    rt = ColdSwitchRuntime()
+    ctl = _controller(rt, budget_ms=30.0, dwell=0)
+    ctl.switch_penalty = 2.0
+    rt.alpha = 0.5
+    _, decision = ctl(torch.zeros(1))  # 10 ms fits: a move up from 0.5 to 1.0
+    assert decision.alpha == 1.0 and decision.predicted_ms == pytest.approx(20.0)
+    _, decision = ctl(torch.zeros(1))  # staying: no penalty
+    assert decision.alpha == 1.0 and decision.predicted_ms == pytest.approx(10.0)

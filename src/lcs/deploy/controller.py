@@ -228,16 +228,16 @@ class BudgetController:
         if self.governor is not None and self.governor.decide(force=self._over) is not None:
             self._ratios.clear()
             self._fresh = True
-        current = self.rt.alpha  # before choose(): predictions compare against the α served now
         alpha = self.choose()
-        if alpha != current:
+        current = self.rt.alpha
+        predicted, trusted = self.predicted_first_ms(alpha), self.tail_factor  # before the switch: penalized
+        switched = alpha != current
+        if switched:
             self._moved_up_from = current if alpha > current else None
             self.rt.set_alpha(alpha)
             self._since_switch = 0
         else:
             self._since_switch += 1
-        switched = self._since_switch == 0
-        predicted, trusted = self.predicted_first_ms(alpha) if switched else self.predicted_ms(alpha), self.tail_factor
         t0 = self.clock()
         y = self.rt(x)
         ms = (self.clock() - t0) * 1e3
