@@ -140,3 +140,28 @@ def test_training_further_after_a_pass_runs_it_again(tmp_path, tiny_digits):
     assert longer.bn_final_done == 2  # from the pass's checkpoint
     records = longer.fit()
     assert [r["epoch"] for r in records] == [2, 2] and records[-1]["bn_final_batches"] == 2
+
+
+def test_a_finished_run_gets_finer_statistics_rows_without_retraining(tmp_path, tiny_digits, capsys):
+    """Resuming with another method.bn_stats_bins and a final pass: only the rows change (their
+    number, then the pass), every weight stays; without a pass it is a clear error."""
+    out = tmp_path / "run"
+    Trainer(load_config(None, FAST), out, data=tiny_digits).fit()
+    coarse = {k: v.clone() for k, v in Trainer(load_config(None, FAST), out, data=tiny_digits,
+                                                resume=True).model.state_dict().items()}
+    finer = FAST + ["method.bn_stats_bins=8"]
+    more = Trainer(load_config(None, finer), out, data=tiny_digits, resume=True)
+    assert "re-estimates them" in capsys.readouterr().out and more.bn_final_done == 0
+    records = more.fit()
+    assert [r["bn_final_batches"] for r in records] == [2] and records[0]["bn_rows_estimated"] >= 8
+    state = more.model.state_dict()
+    for k, v in coarse.items():
+        if k.endswith("lcs_running_mean"):
+            assert v.shape[0] == 4 + 2 and state[k].shape[0] == 8 + 2  # a line: bins + one row per end
+        elif not k.endswith(("lcs_running_var", "num_batches_tracked")):
+            assert torch.equal(v, state[k]), k
+    again = Trainer(load_config(None, finer), out, data=tiny_digits, resume=True)  # the pass is checkpointed
+    assert again.bn_final_done == 2 and again.fit() == []
+    with pytest.raises(lcs.LcsError, match="does not match the model"):
+        Trainer(load_config(None, FAST[:-1] + ["method.bn_final_batches=0", "method.bn_stats_bins=5"]), out,
+                data=tiny_digits, resume=True)

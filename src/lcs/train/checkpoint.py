@@ -80,15 +80,15 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [latest, *others]
 
 
-def load_latest_intact(run_dir: str | os.PathLike, model: nn.Module,
-                       opt: torch.optim.Optimizer | None = None) -> tuple[Path, dict[str, Any]]:
+def load_latest_intact(run_dir: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer | None = None,
+                       *, new_rows: bool = False) -> tuple[Path, dict[str, Any]]:
     """Load the newest checkpoint that is intact; a damaged one is reported on stderr and skipped.
-    Raises the newest damage error when none is intact."""
+    Raises the newest damage error when none is intact. ``new_rows``: see ``load_weights``."""
     first: DamagedFileError | None = None
     candidates = list_checkpoints(run_dir)
     for i, ckpt in enumerate(candidates):
         try:
-            state = load_checkpoint(ckpt, model, opt)
+            state = load_checkpoint(ckpt, model, opt, new_rows=new_rows)
         except DamagedFileError as e:
             first = first or e
             if i + 1 < len(candidates):
@@ -101,22 +101,40 @@ def load_latest_intact(run_dir: str | os.PathLike, model: nn.Module,
     raise DamagedFileError(str(first) if len(candidates) == 1 else f"{first} (no earlier intact checkpoint is kept)")
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
-    """Load ``weights.safetensors`` into ``model`` (strict), with one-line errors."""
+_ROWS = ("lcs_running_mean", "lcs_running_var")
+
+
+def load_weights(path: Path, model: nn.Module, *, new_rows: bool = False) -> bool:
+    """Load ``weights.safetensors`` into ``model`` (strict), with one-line errors. ``new_rows``: a
+    BatchNorm's statistics rows stored in another number than the model has (``method.bn_stats_bins``
+    changed since) start from the stored rows' mean, for the final BatchNorm pass to re-estimate;
+    returns whether any did."""
     tensors, _ = load_tensors(path)
+    reset = False
+    if new_rows:
+        own = model.state_dict()
+        for key, value in tensors.items():
+            mine = own.get(key)
+            if (key.endswith(_ROWS) and mine is not None and value.dim() == 2 == mine.dim()
+                    and value.shape[1] == mine.shape[1] and value.shape[0] != mine.shape[0]):
+                # every new row starts from the stored rows' mean: a row the pass cannot reach keeps that
+                tensors[key], reset = value.mean(0, keepdim=True).expand_as(mine).clone(), True
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise LcsError(f"checkpoint {path} does not match the model: {state_dict_error(e)}") from None
+    return reset
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Restore weights (and optimizer state, RNG) from a checkpoint directory; returns its state."""
+def load_checkpoint(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer | None = None, *,
+                    new_rows: bool = False) -> dict[str, Any]:
+    """Restore weights (and optimizer state, RNG) from a checkpoint directory; returns its state, with
+    ``bn_rows_reset`` true where ``new_rows`` left statistics rows to re-estimate (``load_weights``)."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DamagedFileError(f"checkpoint {ckpt}/state.json is corrupted ({e})") from None
-    load_weights(ckpt / "weights.safetensors", model)
+    state["bn_rows_reset"] = load_weights(ckpt / "weights.safetensors", model, new_rows=new_rows)
     if opt is not None:
         tensors, _ = load_tensors(ckpt / "optimizer.safetensors")
         sd = opt.state_dict()

@@ -121,9 +121,14 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         if resume:
-            _, state = load_latest_intact(self.out, self.model, self.opt)
+            # with a final pass configured, statistics rows of another number (bn_stats_bins changed)
+            # are re-estimated by it: a trained subspace gets finer rows without retraining
+            _, state = load_latest_intact(self.out, self.model, self.opt, new_rows=cfg.method.bn_final_batches > 0)
             self.step = int(state["step"])
-            self.bn_final_done = int(state.get("bn_final_batches", 0))
+            self.bn_final_done = 0 if state["bn_rows_reset"] else int(state.get("bn_final_batches", 0))
+            if state["bn_rows_reset"] and self.dist.is_main:
+                print(f"the checkpoint's BatchNorm statistics rows differ from method.bn_stats_bins="
+                      f"{cfg.method.bn_stats_bins}: the final BatchNorm pass re-estimates them", flush=True)
             if self.dist.is_main:
                 epoch = self.step // self.steps_per_epoch
                 pending = cfg.method.bn_final_batches and self.bn_final_done != cfg.method.bn_final_batches
