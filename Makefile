@@ -6,16 +6,11 @@ TORCH_PIN := torch==2.13.0
 
 .PHONY: demo test test-slow lint bench clean readme-table
 
-# The demo needs lcs and its runtime dependencies; the tests also the dev and onnx extras.
 $(VENV)/.installed: pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The pinned CPU wheel: plain `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e .
-	touch $@
-
-$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[dev,onnx]'
 	touch $@
 
@@ -29,11 +24,11 @@ readme-table: $(VENV)/.installed
 	test -f runs/demo/eval.json || $(MAKE) demo
 	$(PY) tools/readme_demo_table.py --write runs/demo/eval.json
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) -m pytest -q
 
-test-slow: $(VENV)/.installed-dev
+test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed
