@@ -21,9 +21,10 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["prepare_bn_stats", "select_bn_stats", "freeze_bn_stats", "has_bn_stats"]
+__all__ = ["prepare_bn_stats", "select_bn_stats", "freeze_bn_stats", "has_bn_stats", "ROW_BUFFERS"]
 
 _STATS = ("running_mean", "running_var")
+ROW_BUFFERS = tuple(f"lcs_{name}" for name in _STATS)  # the (rows, C) buffers in a state dict
 _KEY = "lcs_bn_rows"
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import LcsError, state_dict_error
 from ..files import DamagedFileError, atomic_dir, dumps_json, load_tensors, save_tensors, write_json
+from ..layers.bn_stats import ROW_BUFFERS
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "load_weights", "list_checkpoints",
            "load_latest_intact"]
@@ -101,9 +102,6 @@ def load_latest_intact(run_dir: str | os.PathLike, model: nn.Module, opt: torch.
     raise DamagedFileError(str(first) if len(candidates) == 1 else f"{first} (no earlier intact checkpoint is kept)")
 
 
-_ROWS = ("lcs_running_mean", "lcs_running_var")
-
-
 def load_weights(path: Path, model: nn.Module, *, new_rows: bool = False) -> bool:
     """Load ``weights.safetensors`` into ``model`` (strict), with one-line errors. ``new_rows``: a
     BatchNorm's statistics rows stored in another number than the model has (``method.bn_stats_bins``
@@ -115,7 +113,7 @@ def load_weights(path: Path, model: nn.Module, *, new_rows: bool = False) -> boo
         own = model.state_dict()
         for key, value in tensors.items():
             mine = own.get(key)
-            if (key.endswith(_ROWS) and mine is not None and value.dim() == 2 == mine.dim()
+            if (key.endswith(ROW_BUFFERS) and mine is not None and value.dim() == 2 == mine.dim()
                     and value.shape[1] == mine.shape[1] and value.shape[0] != mine.shape[0]):
                 # every new row starts from the stored rows' mean: a row the pass cannot reach keeps that
                 tensors[key], reset = value.mean(0, keepdim=True).expand_as(mine).clone(), True
