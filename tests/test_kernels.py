@@ -117,7 +117,7 @@ def test_choice_follows_the_measurement_and_is_cached(tmp_path, monkeypatch):
     chooser = KernelChooser(path=str(path), repeats=1)
     # batch 1: csr twice as fast as dense; batch 8: dense twice as fast as csr, direct fastest of all
     tables = iter([{"dense": 2.0, "csr": 1.0, "direct": 1.5}, {"dense": 1.0, "csr": 2.0, "direct": 0.5}])
-    monkeypatch.setattr(chooser, "_time", lambda fn, x: chooser.now[fn.args[0]])
+    monkeypatch.setattr(chooser, "measure", lambda layer, x: {k: chooser.now[k] for k in chooser.candidates(layer)})
     real_decide = chooser.decide
 
     def decide(layer, x):
@@ -134,11 +134,31 @@ def test_choice_follows_the_measurement_and_is_cached(tmp_path, monkeypatch):
     table = json.loads(path.read_text())
     assert sorted(v["kernel"] for v in table.values()) == sorted(["csr", best8])
     again = KernelChooser(path=str(path))  # a new process reads the decisions instead of measuring
-    monkeypatch.setattr(again, "_time", lambda fn, x: pytest.fail("measured again"))
+    monkeypatch.setattr(again, "measure", lambda layer, x: pytest.fail("measured again"))
     accelerate(net2, chooser=again)
     with torch.no_grad():
         net2(torch.randn(1, 16, 8, 8))
     assert net2[0].lcs_decisions == {1: "csr"}
+
+
+def test_the_kernels_take_turns_when_timed():
+    """Round by round, so a load change between two kernels' turns cannot decide the choice."""
+
+    class Logged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[str] = []
+
+        def run(self, kernel, x):
+            self.calls.append(kernel)
+            return x
+
+    layer, chooser = Logged(), KernelChooser(path="", repeats=3)
+    kernels = ("dense", "csr", "direct")
+    chooser.candidates = lambda layer: kernels
+    timings = chooser.measure(layer, torch.zeros(1))
+    assert layer.calls == list(kernels) * 4  # one warm-up round, then three timed rounds
+    assert set(timings) == set(kernels) and all(t >= 0 for t in timings.values())
 
 
 def test_a_sparse_kernel_must_beat_dense_by_the_margin():
@@ -151,7 +171,7 @@ def test_a_sparse_kernel_must_beat_dense_by_the_margin():
 
 def test_a_tie_keeps_the_dense_kernel(monkeypatch):
     chooser = KernelChooser(path="", repeats=1)
-    monkeypatch.setattr(chooser, "_time", lambda fn, x: 1.0)
+    monkeypatch.setattr(chooser, "measure", lambda layer, x: dict.fromkeys(chooser.candidates(layer), 1.0))
     net = nn.Sequential(nn.Linear(64, 64))
     with torch.no_grad():
         net[0].weight.mul_(torch.rand_like(net[0].weight) < 0.05)

@@ -279,16 +279,24 @@ class KernelChooser:
         else:
             shape = f"linear{tuple(layer.weight.shape)}"
         folded = "|bn" if layer.__dict__.get("lcs_fold") is not None else ""  # its timings include the norm
-        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}{folded}|k3"  # k3: dense, csr and direct
+        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}{folded}|k4"  # k4: dense, csr, direct, interleaved
 
-    def _time(self, fn, x: torch.Tensor) -> float:
-        fn(x)  # warm-up
-        best = math.inf
+    def measure(self, layer: nn.Module, x: torch.Tensor) -> dict[str, float]:
+        """Each candidate kernel's best time on ``x``, in ms. The kernels take turns, round by round
+        (dense, csr, direct, dense, ...). Timed one kernel after the other, a change of load on the
+        machine between two kernels' turns decided the choice: on this VM, whose speed drifts by
+        ±50 % within minutes, cached choices marked 1×1 convs dense at one density that direct ran
+        in two thirds of dense's time at the densities beside it, and when timed again."""
+        runs = {k: functools.partial(layer.run, k) for k in self.candidates(layer)}
+        for run in runs.values():
+            run(x)  # warm-up: first use builds the sparse copies
+        best = dict.fromkeys(runs, math.inf)
         for _ in range(self.repeats):
-            t0 = time.perf_counter()
-            fn(x)
-            best = min(best, time.perf_counter() - t0)
-        return best * 1e3
+            for k, run in runs.items():
+                t0 = time.perf_counter()
+                run(x)
+                best[k] = min(best[k], time.perf_counter() - t0)
+        return {k: t * 1e3 for k, t in best.items()}
 
     @staticmethod
     def candidates(layer: nn.Module) -> tuple[str, ...]:
@@ -310,7 +318,7 @@ class KernelChooser:
             # only kernels that can run here (a cache written where numba was installed may name direct)
             return self.choose({k: hit[f"{k}_ms"] for k in self.candidates(layer) if f"{k}_ms" in hit})
         with torch.no_grad():
-            timings = {k: self._time(functools.partial(layer.run, k), x) for k in self.candidates(layer)}
+            timings = self.measure(layer, x)
         kernel = self.choose(timings)
         with self._lock:
             self._table[key] = {"kernel": kernel, **{f"{k}_ms": ms for k, ms in timings.items()}}
