@@ -96,7 +96,7 @@ def test_bf16_autocast_only_when_asked(tmp_path, tiny_digits):
     x = normalize(tiny_digits.train.images[:8], tiny_digits.mean, tiny_digits.std)
     y = tiny_digits.train.labels[:8]
     plain = Trainer(load_config(None, FAST), tmp_path / "fp32", data=tiny_digits)
-    assert plain.amp is False and plain.channels_last is False  # CPU: both off by default
+    assert plain.amp is False and plain.channels_last is False  # CPU, GroupNorm: both off by default
     seen = _conv_output_dtypes(plain)
     r_plain = plain.train_step(x, y, step=0)
     assert seen == [torch.float32]
@@ -108,6 +108,23 @@ def test_bf16_autocast_only_when_asked(tmp_path, tiny_digits):
     # the same initial weights (same seed), the same batch and α: bf16 rounding moves the loss only a little
     assert r["alphas"] == r_plain["alphas"]
     assert abs(r["ce"] - r_plain["ce"]) < 0.02 * max(1.0, r_plain["ce"])
+
+
+def test_channels_last_by_default_for_batchnorm_on_cpu_and_on_cuda():
+    from lcs.train.loop import channels_last_by_default
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert channels_last_by_default(cpu, "bn") and not channels_last_by_default(cpu, "gn")
+    assert not channels_last_by_default(cpu, "ln") and channels_last_by_default(cuda, "gn")
+
+
+def test_a_batchnorm_run_on_cpu_trains_channels_last_unless_switched_off(tmp_path, tiny_digits):
+    bn = Trainer(load_config(None, FAST + ["model.norm=bn"]), tmp_path / "bn", data=tiny_digits)
+    assert bn.channels_last and next(p for p in bn.model.parameters() if p.dim() == 4).is_contiguous(
+        memory_format=torch.channels_last)
+    off = Trainer(load_config(None, FAST + ["model.norm=bn", "run.channels_last=false"]), tmp_path / "off",
+                  data=tiny_digits)
+    assert not off.channels_last
 
 
 def test_channels_last_on_request_computes_the_same(tmp_path, tiny_digits):

@@ -110,7 +110,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when available)
     amp: str | None = None  # none | bf16: forward + loss under torch.autocast in bfloat16 (never on by default)
-    channels_last: bool | None = None  # None = on for CUDA, off on CPU
+    channels_last: bool | None = None  # None = on for CUDA, and on CPU for BatchNorm models (channels_last_by_default)
     threads: int | None = None  # torch intra-op threads; None = torch's default
     checkpoint_every: int = 1  # epochs between checkpoints
     keep_checkpoints: int = 2

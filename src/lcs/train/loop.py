@@ -30,7 +30,7 @@ from .distributed import init_distributed
 from .methods import Method, build_method
 from .run import build_subspace, open_data, resolve_device
 
-__all__ = ["Trainer", "DivergedError", "lr_at"]
+__all__ = ["Trainer", "DivergedError", "channels_last_by_default", "lr_at"]
 
 _STEP_SEED = 1_000_003
 
@@ -50,6 +50,17 @@ class DivergedError(LcsError):
         super().__init__(f"training diverged at step {step}: the loss is {loss}; the last checkpoint is kept "
                          f"unchanged (lower optim.lr, or check the data)")
         self.step = step
+
+
+
+def channels_last_by_default(device: torch.device, norm: str | None) -> bool:
+    """Channels-last memory format on CUDA (cuDNN's preferred layout), and on CPU for BatchNorm
+    networks, whose oneDNN convolutions and norms run faster in it. Measured here (cPreResNet20,
+    batch 128, training steps, one thread): BatchNorm 1.39× (LCS+L unstructured), 1.40× (dense),
+    1.16× (LCS+L quantized), 1.54× (LCS+P structured); at two threads 1.31× / 1.18×. GroupNorm
+    networks run slower in it on CPU (0.85× / 0.77×): PyTorch's CPU GroupNorm is written for
+    contiguous inputs, so they stay contiguous."""
+    return device.type == "cuda" or norm == "bn"
 
 
 class Trainer:
@@ -75,11 +86,11 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         # bf16 autocast only when asked (CPU too, where it is rarely faster); channels-last where the
-        # cuDNN kernels want it, i.e. on CUDA unless switched off.
+        # kernels want it (channels_last_by_default) unless set either way.
         self.amp = cfg.run.amp == "bf16"
         if self.amp and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise LcsError("run.amp=bf16 but this GPU has no bfloat16 support; use run.amp=none")
-        self.channels_last = (self.device.type == "cuda" if cfg.run.channels_last is None
+        self.channels_last = (channels_last_by_default(self.device, cfg.model.norm) if cfg.run.channels_last is None
                               else cfg.run.channels_last)
         self.data = data if data is not None else open_data(cfg)
         cfg.model.num_classes = cfg.model.num_classes or self.data.num_classes
