@@ -55,11 +55,11 @@ class DivergedError(LcsError):
 
 def channels_last_by_default(device: torch.device, norm: str | None) -> bool:
     """Channels-last memory format on CUDA (cuDNN's preferred layout), and on CPU for BatchNorm
-    networks, whose oneDNN convolutions and norms run faster in it. Measured here (cPreResNet20,
-    batch 128, training steps, one thread): BatchNorm 1.39× (LCS+L unstructured), 1.40× (dense),
-    1.16× (LCS+L quantized), 1.54× (LCS+P structured); at two threads 1.31× / 1.18×. GroupNorm
-    networks run slower in it on CPU (0.85× / 0.77×): PyTorch's CPU GroupNorm is written for
-    contiguous inputs, so they stay contiguous."""
+    networks, whose oneDNN convolutions and norms run faster in it. Measured here
+    (``benchmarks/channels_last.py``: cPreResNet20, batch 128, training steps, one thread, two runs):
+    BatchNorm 1.39–1.41× (LCS+L unstructured), 1.37–1.40× (dense), 1.16–1.18× (LCS+L quantized),
+    1.54–1.65× (LCS+P structured); at two threads 1.31× / 1.18×. GroupNorm networks ran slower in it
+    on CPU (0.77–0.85×), so they stay contiguous."""
     return device.type == "cuda" or norm == "bn"
 
 
