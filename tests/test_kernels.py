@@ -356,6 +356,26 @@ def test_batchnorm_folded_into_sparse_convs_computes_the_same_and_keeps_the_stat
         assert torch.allclose(net(x), plain(x), atol=1e-5)
 
 
+def test_a_folded_conv_on_the_dense_kernel_runs_one_conv_with_the_folded_weights(monkeypatch):
+    """At inference the dense kernel of a folded conv computes with W·s and the shifted bias: the norm's
+    pass over the output is gone there too; in training mode the conv and its norm run as they are."""
+    net = _bn_net()
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        ref = net(x)
+        accelerate(net, chooser=Always("dense"))
+        calls = []
+        real = nn.BatchNorm2d.forward
+        monkeypatch.setattr(nn.BatchNorm2d, "forward", lambda self, y: calls.append(self) or real(self, y))
+        out = net(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert calls == [net[7]]  # only the norm that reads a dense nn.Conv2d (not folded) ran
+    calls.clear()
+    net.train()
+    net(x)
+    assert net[1] in calls and net[4] in calls  # batch statistics: every norm runs
+
+
 def test_a_model_that_cannot_be_traced_is_accelerated_without_folding():
     from lcs.layers.kernels import batchnorm_folds
 

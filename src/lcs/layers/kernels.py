@@ -190,9 +190,12 @@ class _SparseMixin:
 
     def run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         """This layer's output on ``kernel`` (what the chooser times, and the forward pass runs)."""
-        if kernel == "dense":  # the plain layer, then its folded BatchNorm's own forward (any mode)
-            y = _PLAIN[type(self)].forward(self, x)
+        if kernel == "dense":
             fold = self.__dict__.get("lcs_fold")
+            if fold is not None and not (fold.training or torch.is_grad_enabled()):
+                w, b = self.effective()  # the folded weights: one dense conv instead of conv, then norm
+                return self._conv_forward(x, w, b)
+            y = _PLAIN[type(self)].forward(self, x)  # the plain layer, then its norm's own forward
             return y if fold is None else nn.BatchNorm2d.forward(fold, y)
         if kernel == "csr":
             if isinstance(self, nn.Conv2d):
