@@ -38,6 +38,7 @@ def test_bad_overrides(pair, match):
     (["data.val_fraction=1"], "val_fraction"),
     (["data.name=cifar10"], "needs a folder"),
     (["optim.lr=-1"], "optim.lr"),
+    (["optim.schedule=step"], "optim.schedule must be one of cosine, linear"),
     (["model.norm=xx"], "model.norm"),
     (["run.amp=fp16"], "run.amp"),
     (["run.device=tpu"], "run.device"),

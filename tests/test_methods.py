@@ -66,6 +66,15 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_linear_schedule_falls_in_a_straight_line_to_zero():
+    assert lr_at(9, 100, 10, 1.0, "linear") == pytest.approx(1.0)  # the same warm-up
+    assert lr_at(10, 100, 10, 1.0, "linear") == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, "linear") == pytest.approx(0.5)
+    assert lr_at(82, 100, 10, 1.0, "linear") == pytest.approx(0.2)  # cosine: 0.095
+    assert lr_at(100, 100, 10, 1.0, "linear") == 0.0
+    assert lr_at(82, 100, 10, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.8)))
+
+
 def test_log_uniform_interior_visits_log_bins_equally():
     """method.alpha_dist=log: interior α are log-uniform on [lo, hi], so each log-spaced BN
     statistics row gets the same share of draws (uniform draws give the lowest bins a few %)."""

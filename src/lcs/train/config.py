@@ -35,6 +35,7 @@ def default_norm(regime: str, method: str) -> str | None:
 PIPELINES = ("auto", "memory", "stream")  # = lcs.data.stream.PIPELINES (not imported: config stays light)
 AMP_MODES = ("bf16",)  # and None (none): no autocast
 NORMS = ("gn", "in", "ln", "bn")
+SCHEDULES = ("cosine", "linear")  # the LR decay after the warm-up (loop.lr_at)
 
 
 @dataclass
@@ -101,7 +102,8 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0  # linear LR warm-up, then cosine decay to 0
+    warmup_epochs: float = 1.0  # linear LR warm-up, then decay to 0 (schedule)
+    schedule: str = "cosine"  # cosine | linear: the decay's shape after the warm-up
     label_smoothing: float = 0.0
 
 
@@ -152,6 +154,8 @@ class Config:
         _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
         _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
         _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", o.warmup_epochs, "in [0, epochs]")
+        if o.schedule not in SCHEDULES:
+            raise LcsError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
         _check(0 <= o.label_smoothing < 1, "optim.label_smoothing", o.label_smoothing, "in [0, 1)")
         if m.regime not in REGISTRY:
             raise LcsError(f"method.regime must be one of {', '.join(REGISTRY)}, got {m.regime!r}")

@@ -35,12 +35,15 @@ __all__ = ["Trainer", "DivergedError", "channels_last_by_default", "lr_at"]
 _STEP_SEED = 1_000_003
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
-    """Linear warm-up to ``peak`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: str = "cosine") -> float:
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then decay to 0 at ``total_steps``: cosine,
+    or linear (which budgeted-training studies found at least as good when the budget is short)."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * peak * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return peak * (1.0 - progress)
+    return 0.5 * peak * (1.0 + math.cos(math.pi * progress))
 
 
 class DivergedError(LcsError):
@@ -50,7 +53,6 @@ class DivergedError(LcsError):
         super().__init__(f"training diverged at step {step}: the loss is {loss}; the last checkpoint is kept "
                          f"unchanged (lower optim.lr, or check the data)")
         self.step = step
-
 
 
 def channels_last_by_default(device: torch.device, norm: str | None) -> bool:
@@ -159,7 +161,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.run.seed * _STEP_SEED + step)
         alphas = self.method.sampler(step, gen)
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(step, self.total_steps, self.warmup_steps, self.cfg.optim.lr)
+            group["lr"] = lr_at(step, self.total_steps, self.warmup_steps, self.cfg.optim.lr, self.cfg.optim.schedule)
         if self.method.phase_start is not None:  # the regime's phase (activation quantization), after the warm-up
             on = step >= self.method.phase_start
             if on != self._phase:
