@@ -408,3 +408,32 @@ def test_accelerate_traces_for_folds_only_where_a_conv_goes_sparse(monkeypatch):
             m.weight.data = torch.randn_like(m.weight)  # every conv dense: nothing to fold into
     assert accelerate(dense, chooser=Always("csr")) == 0 and traced == []
     assert accelerate(_bn_net(), chooser=Always("csr")) == 2 and len(traced) == 1
+
+
+@needs_numba
+def test_the_first_compiled_kernel_call_keeps_torchs_thread_count():
+    """numba's OpenMP layer starts inside torch's libgomp and sets its thread count to every core;
+    a count lowered before (a ThreadGovernor under contention) must survive. A fresh process: the
+    layer starts once per process."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from lcs.layers import direct\n"
+        "conv = nn.Conv2d(16, 16, 1, bias=False)\n"
+        "w = direct.DirectWeight(conv.weight.detach(), conv.stride)\n"
+        "x = torch.randn(1, 16, 8, 8)\n"
+        "torch.set_num_threads(1)\n"
+        "y = direct.direct_conv2d(x, w, conv, None)\n"
+        "assert torch.get_num_threads() == 1, torch.get_num_threads()\n"
+        "assert torch.allclose(y, conv(x), atol=1e-5)\n"
+        "if torch.get_num_threads() != 2 and __import__('os').cpu_count() >= 2:\n"
+        "    torch.set_num_threads(2)\n"
+        "    direct.direct_conv2d(x, w, conv, None)\n"
+        "    assert torch.get_num_threads() == 2\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

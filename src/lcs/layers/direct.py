@@ -31,6 +31,7 @@ from torch import nn
 __all__ = ["available", "eligible", "DirectWeight", "direct_conv2d"]
 
 _LOCK = threading.Lock()
+_THREADS = threading.local()  # the thread count last given to numba, per Python thread
 _THREAD_SAFE: bool | None = None  # numba's OpenMP / TBB layers take concurrent calls; its workqueue does not
 
 
@@ -164,16 +165,25 @@ def direct_conv2d(x: torch.Tensor, weight: DirectWeight, conv: nn.Conv2d, bias: 
 
 
 def call(kernel: Any, *args: Any) -> None:
-    """Run a compiled parallel kernel on torch's thread count (numba's pool is separate from torch's),
-    serialized until numba's threading layer is known to take concurrent calls (serving threads may
-    call at once; the workqueue layer does not allow it)."""
+    """Run a compiled parallel kernel on torch's thread count, serialized until numba's threading
+    layer is known to take concurrent calls (serving threads may call at once; the workqueue layer
+    does not allow it).
+
+    numba's OpenMP layer binds to torch's own libgomp, and starting it on the first parallel call
+    sets that runtime's thread count to numba's default (every core): torch's count, which a
+    ``ThreadGovernor`` may have lowered, is put back afterwards."""
     global _THREAD_SAFE
-    numba = _kernel()[0]
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = torch.get_num_threads()
+    if _THREADS.__dict__.get("numba") != threads:  # numba's count is per Python thread
+        numba = _kernel()[0]
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        _THREADS.numba = threads
     if _THREAD_SAFE:
         kernel(*args)
         return
     with _LOCK:
         kernel(*args)
+        if torch.get_num_threads() != threads:  # the layer's start reset torch's thread count
+            torch.set_num_threads(threads)
         if _THREAD_SAFE is None:
-            _THREAD_SAFE = numba.threading_layer() in ("omp", "tbb")
+            _THREAD_SAFE = _kernel()[0].threading_layer() in ("omp", "tbb")
