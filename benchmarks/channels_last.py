@@ -23,31 +23,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import synthetic_data  # noqa: E402
+from train_throughput import lcs_runner  # noqa: E402
 
 from lcs.alloc import keep_freed_memory  # noqa: E402
-from lcs.train.config import load_config  # noqa: E402
-from lcs.train.loop import Trainer  # noqa: E402
 
 CASES = [("unstructured", "lcs_l", "bn"), ("unstructured", "target", "bn"), ("quantized", "lcs_l", "bn"),
          ("structured", "lcs_p", "bn"), ("unstructured", "lcs_l", "gn"), ("quantized", "lcs_l", "gn")]
-
-
-def runner(regime: str, method: str, norm: str, channels_last: bool, threads: int, batch: tuple, tmp: str):
-    x, y = batch
-    overrides = [f"method.regime={regime}", f"method.name={method}", f"data.batch_size={x.shape[0]}",
-                 "optim.epochs=100", "run.progress=false", f"model.norm={norm}", f"run.threads={threads}",
-                 f"run.channels_last={str(channels_last).lower()}"]
-    if method == "target":
-        overrides.append("method.target=1.0")
-    name = f"{regime}-{method}-{norm}-{channels_last}"
-    trainer = Trainer(load_config(None, overrides), Path(tmp) / name, data=synthetic_data(4 * x.shape[0]))
-    base = round(trainer.cfg.method.warmup * trainer.total_steps) + 1  # after the warm-up: compression on
-
-    def step(i: int) -> None:
-        trainer.train_step(x, y, base + i)
-
-    return step
 
 
 def main() -> None:
@@ -65,7 +46,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for regime, method, norm in CASES:
-            steps = {cl: runner(regime, method, norm, cl, args.threads, batch, tmp) for cl in (False, True)}
+            extra = (f"model.norm={norm}", f"run.threads={args.threads}", *(("method.target=1.0",) if method == "target"
+                                                                             else ()))
+            steps = {cl: lcs_runner(batch, regime, method, tmp, extra=(*extra, f"run.channels_last={str(cl).lower()}"))
+                     for cl in (False, True)}
             for step in steps.values():  # warm-up: first-step allocations, oneDNN primitive caches
                 step(0)
                 step(1)

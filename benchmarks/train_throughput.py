@@ -62,14 +62,18 @@ DEFAULT_METHODS = "unstructured:lcs_l,unstructured:lcs_p,unstructured:target,qua
 
 
 def lcs_runner(batch: tuple[torch.Tensor, torch.Tensor], regime: str, method: str, tmp: str,
-               during_warmup: bool = False):
+               during_warmup: bool = False, extra: tuple[str, ...] = ()):
+    """One real training step of ``regime``/``method`` as a function of the step index; ``extra``:
+    config overrides applied last (``benchmarks/channels_last.py`` sets the norm, threads, layout)."""
     data = synthetic_data(batch[0].shape[0] * 4)
     overrides = [f"method.regime={regime}", f"method.name={method}", f"data.batch_size={batch[0].shape[0]}",
                  "optim.epochs=100", "run.progress=false"]
     if method == "target":
         overrides.append(f"method.target={TARGETS[regime]}")
+    overrides.extend(extra)
     phase = "warmup" if during_warmup else "after"
-    trainer = Trainer(load_config(None, overrides), Path(tmp) / f"{regime}-{method}-{phase}", data=data)
+    name = "-".join([regime, method, phase, *extra]).replace("=", "_")
+    trainer = Trainer(load_config(None, overrides), Path(tmp) / name, data=data)
     # By default the steady state after the warm-up, when compression (and activation quantization)
     # is active; during_warmup: the first steps (quantized: weights only).
     base = 1 if during_warmup else round(trainer.cfg.method.warmup * trainer.total_steps) + 1
