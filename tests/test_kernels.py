@@ -233,6 +233,18 @@ def test_direct_conv_equals_dense_conv(k, stride, padding, batch):
 
 
 @needs_numba
+@pytest.mark.parametrize("k,stride,padding", [(3, 2, 1), (7, 2, 3), (3, 3, 0), ((3, 5), (2, 1), (1, 2)), (2, 2, 0)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_phase_split_equals_the_slice_copies(k, stride, padding, channels_last):
+    conv = nn.Conv2d(5, 4, k, stride=stride, padding=padding)
+    x = torch.randn(2, 5, 13, 11)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    got, ref = direct._phase_planes(x, conv), direct._phase_planes(x, conv, compiled=False)
+    assert got[1:] == ref[1:] and got[0].shape[2] > 1 and torch.equal(got[0], ref[0])
+
+
+@needs_numba
 def test_direct_conv_of_an_all_zero_weight_is_the_bias():
     conv = nn.Conv2d(4, 3, 3, padding=1)
     conv.weight.data.zero_()

@@ -282,7 +282,7 @@ class KernelChooser:
         else:
             shape = f"linear{tuple(layer.weight.shape)}"
         folded = "|bn" if layer.__dict__.get("lcs_fold") is not None else ""  # its timings include the norm
-        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}{folded}|k4"  # k4: dense, csr, direct, interleaved
+        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}{folded}|k5"  # k5: compiled phase split
 
     def measure(self, layer: nn.Module, x: torch.Tensor) -> dict[str, float]:
         """Each candidate kernel's best time on ``x``, in ms. The kernels take turns, round by round
