@@ -343,10 +343,10 @@ def _bn_net() -> nn.Module:
 
 @pytest.mark.parametrize("kernel", ["csr", pytest.param("direct", marks=needs_numba), "dense"])
 def test_batchnorm_folded_into_sparse_convs_computes_the_same_and_keeps_the_state_dict(kernel):
-    from lcs.layers.kernels import FoldedBatchNorm2d, batchnorm_folds
+    from lcs.layers.kernels import FoldedBatchNorm2d, kernel_plan
 
     net = _bn_net()
-    assert batchnorm_folds(net) == {"0": "1", "3": "4", "6": "7"}
+    assert kernel_plan(net).folds == {"0": "1", "3": "4", "6": "7"}
     state = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.randn(3, 3, 10, 10)
     with torch.no_grad():
@@ -389,7 +389,8 @@ def test_a_folded_conv_on_the_dense_kernel_runs_one_conv_with_the_folded_weights
 
 
 def test_a_model_that_cannot_be_traced_is_accelerated_without_folding():
-    from lcs.layers.kernels import batchnorm_folds
+    import lcs.layers.kernels as K
+    from lcs.layers.kernels import kernel_plan
 
     class Branchy(nn.Module):
         def __init__(self):
@@ -401,7 +402,7 @@ def test_a_model_that_cannot_be_traced_is_accelerated_without_folding():
 
     net = Branchy().eval()
     net.conv.weight.data *= torch.rand_like(net.conv.weight) < 0.1
-    assert batchnorm_folds(net) == {}
+    assert kernel_plan(net) == K.KernelPlan({})
     x = torch.rand(2, 3, 6, 6)
     with torch.no_grad():
         ref = net(x)
@@ -413,13 +414,98 @@ def test_accelerate_traces_for_folds_only_where_a_conv_goes_sparse(monkeypatch):
     import lcs.layers.kernels as K
 
     traced = []
-    monkeypatch.setattr(K, "batchnorm_folds", lambda net: traced.append(net) or {})
+    monkeypatch.setattr(K, "kernel_plan", lambda net: traced.append(net) or K.KernelPlan({}))
     dense = _bn_net()
     for m in dense.modules():
         if isinstance(m, nn.Conv2d):
             m.weight.data = torch.randn_like(m.weight)  # every conv dense: nothing to fold into
     assert accelerate(dense, chooser=Always("csr")) == 0 and traced == []
     assert accelerate(_bn_net(), chooser=Always("csr")) == 2 and len(traced) == 1
+
+
+@needs_numba
+@pytest.mark.parametrize("k,stride,padding", [(1, 1, 0), (3, 1, 1), (3, 2, 1), (1, 2, 0), (3, 1, 0)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_direct_conv_adds_a_residual_in_its_pass(k, stride, padding, batch):
+    g = torch.Generator().manual_seed(3 * batch + k)
+    conv = nn.Conv2d(6, 10, k, stride=stride, padding=padding)
+    conv.weight.data = _sparse_weight(conv.weight.shape, 0.1, g)
+    x = torch.randn(batch, 6, 13, 11, generator=g)
+    with torch.no_grad():
+        ref = conv(x)
+        residual = torch.randn(ref.shape, generator=g)
+        w = direct.DirectWeight(conv.weight, conv.stride)
+        out = direct.direct_conv2d(x, w, conv, conv.bias, residual)
+        broadcast = direct.direct_conv2d(x, w, conv, conv.bias, residual[:1, :, :1])  # torch's add, broadcasting
+    assert torch.allclose(out, ref + residual, atol=1e-5)
+    assert torch.allclose(broadcast, ref + residual[:1, :, :1], atol=1e-5)
+
+
+class _Block(nn.Module):
+    """A residual block whose add reads a conv's BatchNorm (ResNet18's layout) and one whose add reads
+    the conv itself (cPreResNet20's), plus an add nothing can fuse (both operands from one conv)."""
+
+    def __init__(self, norm_last: bool):
+        super().__init__()
+        self.norm_last = norm_last
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.bn1(self.conv1(x))))
+        return (self.bn2(y) if self.norm_last else y) + x
+
+
+def _residual_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Block(True), _Block(False), nn.Conv2d(8, 8, 1))
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data *= torch.rand_like(m.weight) < 0.1
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.mark.parametrize("kernel", [pytest.param("direct", marks=needs_numba), "csr", "dense"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_residual_adds_are_fused_into_sparse_convs_and_compute_the_same(kernel, batch):
+    from lcs.layers.kernels import kernel_plan
+
+    net = _residual_net()
+    plan = kernel_plan(net)
+    assert {k: v[1] for k, v in plan.forwards.items()} == {"1": {"1.conv2"}, "2": {"2.conv2"}}
+    x = torch.randn(batch, 3, 9, 9)
+    with torch.no_grad():
+        ref = net(x)
+        accelerate(net, chooser=Always(kernel))
+        net(x)  # first use builds the folded weights (with adds of their own)
+        calls = []
+        real = torch.Tensor.__add__
+        torch.Tensor.__add__ = lambda a, b: calls.append(1) or real(a, b)
+        try:
+            out = net(x)
+        finally:
+            torch.Tensor.__add__ = real
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert (calls == []) == (kernel == "direct")  # the direct kernel adds in its pass; the others add after
+    assert "forward" in net[1].__dict__ and "forward" in net[2].__dict__ and "forward" not in net.__dict__
+    twin = copy.deepcopy(net)  # the copy runs its own blocks
+    assert twin[1].forward.__self__ is twin[1]
+    with torch.no_grad():
+        assert torch.allclose(twin(x), ref, atol=1e-5)
+    net.train()  # autograd: the modules and the add as the model wrote them
+    assert torch.allclose(net(x), dense_kernels(copy.deepcopy(net))(x), atol=1e-5)
+    dense_kernels(net)
+    assert not any("forward" in m.__dict__ or "lcs_fused" in m.__dict__ for m in net.modules())
+
+
+def test_a_block_keeps_its_own_forward_where_its_fused_conv_stays_dense():
+    net = _residual_net()
+    net[2].conv2.weight.data = torch.randn_like(net[2].conv2.weight)  # dense: not accelerated
+    accelerate(net, chooser=Always("csr"))
+    assert "forward" in net[1].__dict__ and "forward" not in net[2].__dict__
 
 
 @needs_numba

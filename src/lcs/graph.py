@@ -1,18 +1,24 @@
-"""Reading a model's dataflow with ``torch.fx``: which norm normalizes which conv's output.
+"""Reading a model's dataflow with ``torch.fx``: which norm normalizes which conv's output, and
+which add sums a conv's output with a residual.
 
 Both BatchNorm folding (quantization) and LEC channel pruning need "this norm reads the output
 of that conv, and nothing else reads it": only then can the norm be merged into the conv (fold)
-or the conv's channels removed with the norm's (prune). Deploy side: imports only torch.
+or the conv's channels removed with the norm's (prune). The sparse kernels add a residual in the
+conv's own pass where "conv (→ norm) → add" is a chain nothing else reads. Deploy side: imports
+only torch.
 """
 
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.fx as fx
 from torch import nn
 
 from .errors import LcsError
 
-__all__ = ["trace", "is_plain_conv", "norms_after_convs"]
+__all__ = ["trace", "is_plain_conv", "norms_after_convs", "residual_adds"]
 
 
 def trace(model: nn.Module, purpose: str) -> tuple[fx.Graph, dict[str, nn.Module]]:
@@ -41,3 +47,30 @@ def norms_after_convs(graph: fx.Graph, modules: dict[str, nn.Module], norm_types
         if isinstance(producer, fx.Node) and is_plain_conv(producer, modules) and len(producer.users) == 1:
             pairs.append((producer, node))
     return pairs
+
+
+_ADDS = (operator.add, torch.add)
+
+
+def residual_adds(graph: fx.Graph, modules: dict[str, nn.Module], norm_types: tuple[type, ...] = ()
+                  ) -> list[tuple[fx.Node, fx.Node, fx.Node | None, fx.Node]]:
+    """(add node, conv node, norm node or None, residual node) for every two-tensor add one of whose
+    operands is a plain conv's output (or that of a ``norm_types`` norm reading only that conv) that
+    nothing else reads: the conv can compute ``conv(x) (→ norm) + residual`` in one pass."""
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _ADDS or node.kwargs or len(node.args) != 2:
+            continue
+        for i, operand in enumerate(node.args):
+            other = node.args[1 - i]
+            if not isinstance(operand, fx.Node) or not isinstance(other, fx.Node) or len(operand.users) != 1:
+                continue
+            norm = None
+            if operand.op == "call_module" and isinstance(modules[operand.target], norm_types):
+                norm, operand = operand, operand.args[0]
+                if not isinstance(operand, fx.Node) or len(operand.users) != 1:
+                    continue
+            if is_plain_conv(operand, modules) and operand is not other:
+                found.append((node, operand, norm, other))
+                break
+    return found

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..layers.bn_stats import freeze_bn_stats
-from ..layers.kernels import accelerate, batchnorm_folds, check_kernels
+from ..layers.kernels import KernelPlan, accelerate, check_kernels, kernel_plan
 from ..layers.quant import fold_batchnorm
 from ..regimes import BakeContext, Point, record_of
 from ..subspace import Subspace
@@ -95,7 +95,7 @@ class Baker:
         for kind in {type(p) for *_, chain in self.chains for p in chain}:
             if hasattr(kind, "warm_up"):  # compiled steps load now, not in the first switch
                 kind.warm_up()
-        self._folds: dict[str, str] | None = None
+        self._plan: KernelPlan | None = None
         self.context = BakeContext(alpha=sub.alpha, levels=sub.levels, config=sub.config, template=self.template,
                                    input_shape=tuple(input_shape or sub.input_shape or ()) or None)
 
@@ -146,9 +146,9 @@ class Baker:
         for step in self.record.finish:
             step(net, ctx)
         if check_kernels(kernels) == "auto":  # mostly-zero layers: sparse kernels where they measured faster here
-            if self._folds is None:  # which BatchNorms could fold into their convs: one trace per Baker
-                self._folds = batchnorm_folds(self.template)
-            accelerate(net, sub.compressed, folds=self._folds)
+            if self._plan is None:  # BatchNorms to fold, adds to fuse: one trace per Baker
+                self._plan = kernel_plan(self.template)
+            accelerate(net, sub.compressed, plan=self._plan)
         return net
 
 
