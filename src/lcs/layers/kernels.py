@@ -405,6 +405,8 @@ def _fused_forward(block: nn.Module) -> tuple[Any, list[str]] | None:
     except LcsError:
         return None
     adds = residual_adds(graph, modules, (nn.BatchNorm2d,))
+    if not adds:
+        return None
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # an add already fused that a later one reads
     for add, conv, norm, residual in adds:
         with graph.inserting_before(add):
@@ -417,8 +419,6 @@ def _fused_forward(block: nn.Module) -> tuple[Any, list[str]] | None:
         for node in (add, norm, conv):
             if node is not None:
                 graph.erase_node(node)
-    if not adds:
-        return None
     try:
         graph.lint()
         forward = type(torch.fx.GraphModule(block, graph)).forward
@@ -485,7 +485,7 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
             sparse.append((fqn, m, density))
     if plan is None and any(isinstance(m, nn.Conv2d) for _, m, _ in sparse):
         plan = kernel_plan(net)  # traced only where a conv goes sparse (a dense network never is)
-    folds = plan.folds if plan is not None else {}
+    plan = plan or KernelPlan({})
     for m in pools:
         m.__class__ = pool_kernel.FastMaxPool2d
     for fqn, m, density in sparse:
@@ -495,12 +495,12 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
             d.pop(k, None)
         d.pop("lcs_fold", None)
         d["lcs_density"], d["lcs_decisions"], d["lcs_chooser"] = density, {}, chooser
-        bn = _foldable(net, folds.get(fqn))
+        bn = _foldable(net, plan.folds.get(fqn))
         if bn is not None:
             d["lcs_fold"] = bn
             bn.__class__ = FoldedBatchNorm2d
     made_sparse = {fqn for fqn, _, _ in sparse}
-    for owner, (forward, convs) in (plan.forwards if plan is not None else {}).items():
+    for owner, (forward, convs) in plan.forwards.items():
         block = net.get_submodule(owner)
         _unfuse(block)  # an earlier plan's; a fused forward only where one of its convs is sparse
         if convs & made_sparse:
