@@ -4,8 +4,9 @@ which add sums a conv's output with a residual.
 Both BatchNorm folding (quantization) and LEC channel pruning need "this norm reads the output
 of that conv, and nothing else reads it": only then can the norm be merged into the conv (fold)
 or the conv's channels removed with the norm's (prune). The sparse kernels add a residual in the
-conv's own pass where "conv (→ norm) → add" is a chain nothing else reads. Deploy side: imports
-only torch.
+conv's own pass where "conv (→ norm) → add" is a chain nothing else reads; the integer kernels
+hand a conv's output to the next conv as 8-bit codes where "conv (→ ReLU / identity) → conv" is
+one (``conv_chains``). Deploy side: imports only torch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from .errors import LcsError
 
-__all__ = ["trace", "is_plain_conv", "norms_after_convs", "residual_adds"]
+__all__ = ["trace", "is_plain_conv", "norms_after_convs", "residual_adds", "conv_chains"]
 
 
 def trace(model: nn.Module, purpose: str) -> tuple[fx.Graph, dict[str, nn.Module]]:
@@ -74,3 +75,36 @@ def residual_adds(graph: fx.Graph, modules: dict[str, nn.Module], norm_types: tu
                 found.append((node, operand, norm, other))
                 break
     return found
+
+
+_RELUS = (torch.relu, torch.relu_, torch.nn.functional.relu)
+
+
+def _passes_through(node: fx.Node, modules: dict[str, nn.Module], skip: tuple[type, ...]) -> bool:
+    """An elementwise step that maps 8-bit codes to 8-bit codes on the same grid: a ReLU (the max
+    with the zero point) or a module of ``skip`` (identities)."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], (nn.ReLU, nn.Identity, *skip))
+    return node.op == "call_function" and node.target in _RELUS
+
+
+def conv_chains(graph: fx.Graph, modules: dict[str, nn.Module], skip: tuple[type, ...] = ()
+                ) -> list[tuple[fx.Node, fx.Node]]:
+    """(producer conv, consumer conv) for every plain conv whose output reaches exactly one other
+    plain conv through nothing but single-reader ReLUs and identities (or ``skip`` modules): the
+    producer can emit its output directly on the grid the consumer quantizes its input to."""
+    pairs = []
+    for node in graph.nodes:
+        if not is_plain_conv(node, modules):
+            continue
+        cur = node
+        while len(cur.users) == 1:
+            (nxt,) = cur.users
+            if is_plain_conv(nxt, modules):
+                if nxt.args and nxt.args[0] is cur:
+                    pairs.append((node, nxt))
+                break
+            if not (_passes_through(nxt, modules, skip) and nxt.args and nxt.args[0] is cur):
+                break
+            cur = nxt
+    return pairs

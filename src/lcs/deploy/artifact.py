@@ -263,6 +263,7 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, ker
         resize_to_shapes(model, shapes)
     assign_state(model, state, path)
     check_assigned(model, path)
+    model.eval()  # first: frozen activation grids are what the int8 kernels read
     if kernels == "auto":
         accelerate(model)
-    return model.eval()
+    return model

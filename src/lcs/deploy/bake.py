@@ -146,8 +146,8 @@ class Baker:
         for step in self.record.finish:
             step(net, ctx)
         if check_kernels(kernels) == "auto":  # mostly-zero layers: sparse kernels where they measured faster here
-            if self._plan is None:  # BatchNorms to fold, adds to fuse: one trace per Baker
-                self._plan = kernel_plan(self.template)
+            if self._plan is None:  # BatchNorms to fold, adds to fuse, conv chains: one trace per Baker,
+                self._plan = kernel_plan(net)  # of a baked network (the regime's folds are done)
             accelerate(net, sub.compressed, plan=self._plan)
         return net
 

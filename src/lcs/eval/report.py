@@ -14,15 +14,19 @@ _COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("width
             ("overall_sparsity", "overall", "{:.3f}"), ("params", "params", "{:,}"),
             ("nonzero_params", "nonzero", "{:,}"), ("macs", "MACs", "{:,}"), ("bytes", "bytes", "{:,}"),
             ("bytes_pct", "% dense", "{:.1f}"),
+            ("int8_accuracy", "int8 acc", "{:.4f}"),
             ("latency_ms_b1", "b1 ms", "{:.2f}"), ("sparse_layers_b1", "b1 sparse", "{:d}"),
+            ("int8_layers_b1", "b1 int8", "{:d}"),
             ("latency_ms_b64", "b64 ms", "{:.1f}"), ("sparse_layers_b64", "b64 sparse", "{:d}"),
+            ("int8_layers_b64", "b64 int8", "{:d}"),
             ("bn_mean_gap", "BN μ gap", "{:.3f}"), ("bn_var_gap", "BN σ² gap", "{:.3f}")]
 
 
 def format_table(records: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] | None = None) -> str:
-    """A fixed-width table of the (key, title, format) columns present in ``records``."""
-    cols = [c for c in (columns or _COLUMNS) if records and c[0] in records[0]]
-    rows = [[fmt.format(r[key]) for key, _, fmt in cols] for r in records]
+    """A fixed-width table of the (key, title, format) columns present in any of ``records`` ("—"
+    where a record has no value)."""
+    cols = [c for c in (columns or _COLUMNS) if any(c[0] in r for r in records)]
+    rows = [[fmt.format(r[key]) if key in r else "—" for key, _, fmt in cols] for r in records]
     widths = [max(len(title), *(len(row[i]) for row in rows)) for i, (_, title, _) in enumerate(cols)]
     lines = ["  ".join(title.rjust(w) for (_, title, _), w in zip(cols, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))

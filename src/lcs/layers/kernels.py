@@ -44,11 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import direct as direct_kernel
+from . import int8 as int8_kernel
 from . import pool as pool_kernel
 
 __all__ = ["SparseConv2d", "SparseLinear", "FoldedBatchNorm2d", "accelerate", "KernelPlan", "kernel_plan",
            "conv_add", "dense_kernels",
-           "kernel_report", "sparse_layer_count",
+           "kernel_report", "sparse_layer_count", "int8_layer_count",
            "check_kernels", "KernelChooser",
            "MAX_DENSITY", "csr_conv2d", "csr_linear", "conv_columns"]
 
@@ -181,10 +182,22 @@ class _SparseMixin:
         new.lcs_chooser = chooser
         return new
 
+    def int8_weight(self) -> torch.ScriptObject | None:
+        """The weight packed for the int8 kernel (``lcs.layers.int8``), built once; None where this
+        layer hands no codes to a next conv or its weight is not on an 8-bit grid."""
+        d = self.__dict__
+        if "lcs_int8" not in d:
+            quant = d.get("lcs_quant_in")
+            ok = d.get("lcs_int8_out") is not None and quant is not None and isinstance(self, nn.Conv2d)
+            d["lcs_int8"] = int8_kernel.pack_weight(self, quant) if ok else None
+        return d["lcs_int8"]
+
     def _kernel(self, x: torch.Tensor) -> str:
-        """The kernel for this input: "dense" for autograd and non-float32 inputs, else the measured choice."""
+        """The kernel for this input: "dense" for autograd and inputs neither float32 nor 8-bit codes,
+        else the measured choice."""
         fold = self.__dict__.get("lcs_fold")
-        if x.dtype != torch.float32 or torch.is_grad_enabled() or (fold is not None and fold.training):
+        if (x.dtype != torch.float32 and not x.is_quantized) or torch.is_grad_enabled() \
+                or (fold is not None and fold.training):
             return "dense"
         batch = int(x.shape[0]) if x.dim() > 1 else 1
         if batch not in self.lcs_decisions and self.lcs_chooser is not None:
@@ -193,7 +206,18 @@ class _SparseMixin:
 
     def run(self, kernel: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """This layer's output on ``kernel`` (what the chooser times, and the forward pass runs),
-        plus ``residual`` where given (the direct kernel adds it in its own pass)."""
+        plus ``residual`` where given (the direct kernel adds it in its own pass). A layer on a chain
+        of integer kernels (``lcs_quant_in``) quantizes its input here: to u8 codes for ``int8``
+        (8-bit codes from the conv before it are used as they are), by fake quantization otherwise."""
+        d = self.__dict__
+        if kernel == "int8":
+            grid = d["lcs_grid_in"]
+            q = x if x.is_quantized else int8_kernel.quantize_input(x, grid)
+            return int8_kernel.int8_conv2d(q, self.int8_weight(), d["lcs_int8_out"])
+        if x.is_quantized:
+            x = x.dequantize()  # codes on this layer's own grid: its fake quantization would not move them
+        elif d.get("lcs_quant_in") is not None:
+            x = d["lcs_quant_in"].quantize(x)
         if kernel == "direct":
             return direct_kernel.direct_conv2d(x, self.direct(), self, self.effective()[1], residual)
         if kernel == "dense":
@@ -234,7 +258,9 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
 
 _PLAIN = {SparseConv2d: nn.Conv2d, SparseLinear: nn.Linear, pool_kernel.FastMaxPool2d: nn.MaxPool2d,
           FoldedBatchNorm2d: nn.BatchNorm2d}
-_BUILT = ("lcs_csr", "lcs_direct", "lcs_effective")  # derived from the weight, rebuilt on first use
+_BUILT = ("lcs_csr", "lcs_direct", "lcs_effective", "lcs_int8")  # derived from the weight, rebuilt on first use
+# an integer-kernel chain's wiring (``accelerate``): the input quantizer and its grid, the next conv's grid
+_CHAIN = ("lcs_quant_in", "lcs_grid_in", "lcs_int8_out")
 
 
 def _machine_key() -> str:
@@ -288,7 +314,9 @@ class KernelChooser:
         else:
             shape = f"linear{tuple(layer.weight.shape)}"
         folded = "|bn" if layer.__dict__.get("lcs_fold") is not None else ""  # its timings include the norm
-        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}{folded}|k5"  # k5: compiled phase split
+        # int8: timed on the integer kernel too; q: its input arrives as 8-bit codes
+        codes = ("|int8" if "int8" in KernelChooser.candidates(layer) else "") + ("|q" if x.is_quantized else "")
+        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}{folded}{codes}|k5"  # k5: compiled phase split
 
     def measure(self, layer: nn.Module, x: torch.Tensor) -> dict[str, float]:
         """Each candidate kernel's best time on ``x``, in ms. The kernels take turns, round by round
@@ -309,10 +337,15 @@ class KernelChooser:
 
     @staticmethod
     def candidates(layer: nn.Module) -> tuple[str, ...]:
-        """The kernels that can run ``layer`` here."""
-        if isinstance(layer, nn.Conv2d) and direct_kernel.eligible(layer) and direct_kernel.available():
-            return KERNELS
-        return ("dense", "csr")
+        """The kernels that can run ``layer`` here: the sparse ones for a layer at most ``MAX_DENSITY``
+        dense, the integer one for a quantized conv that hands its codes to the next."""
+        kernels: tuple[str, ...] = ("dense",)
+        if layer.__dict__.get("lcs_density", 0.0) <= MAX_DENSITY:  # unset: a layer made sparse by hand
+            sparse_direct = isinstance(layer, nn.Conv2d) and direct_kernel.eligible(layer) and direct_kernel.available()
+            kernels = KERNELS if sparse_direct else ("dense", "csr")
+        if layer.int8_weight() is not None:
+            kernels += ("int8",)
+        return kernels
 
     def choose(self, timings: dict[str, float]) -> str:
         """The fastest kernel, where a sparse one must beat dense by the margin."""
@@ -387,10 +420,13 @@ class KernelPlan:
     convs (full names) it fuses. ``accelerate`` binds it to the block where one of those convs is
     sparse: at batch 64 the adds took a third of the sparse cPreResNet20's time. Blocks are
     rewritten one by one, not the whole network as one flat forward: the flat one's attribute
-    chains (``getattr(self.blocks, "0").conv1``) cost 0.15 ms a forward at batch 1."""
+    chains (``getattr(self.blocks, "0").conv1``) cost 0.15 ms a forward at batch 1. ``chains``:
+    {conv: next conv} where the first's output reaches the second through ReLUs and identities
+    only (``lcs.graph.conv_chains``): a quantized conv can hand the next its input as 8-bit codes."""
 
     folds: dict[str, str]
     forwards: dict[str, tuple[Any, frozenset[str]]] = dataclasses.field(default_factory=dict)
+    chains: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _fused_forward(block: nn.Module) -> tuple[Any, list[str]] | None:
@@ -431,13 +467,14 @@ def kernel_plan(net: nn.Module) -> KernelPlan:
     """The ``KernelPlan`` of a plain network; an empty one for a model that cannot be traced
     (folding and fusing are only savings)."""
     from ..errors import LcsError
-    from ..graph import norms_after_convs, residual_adds, trace
+    from ..graph import conv_chains, norms_after_convs, residual_adds, trace
 
     try:
         graph, modules = trace(net, "folding BatchNorm into sparse convs")
     except LcsError:
         return KernelPlan({})
     folds = {conv.target: bn.target for conv, bn in norms_after_convs(graph, modules, (nn.BatchNorm2d,))}
+    chains = {a.target: b.target for a, b in conv_chains(graph, modules)}
     owners = set()  # the modules whose own forward holds a fusable add (innermost on fx's module stack)
     for add, conv, _, _ in residual_adds(graph, modules, (nn.BatchNorm2d,)):
         stack = add.meta.get("nn_module_stack") or {}
@@ -449,7 +486,7 @@ def kernel_plan(net: nn.Module) -> KernelPlan:
         fused = _fused_forward(net.get_submodule(owner))
         if fused is not None:
             forwards[owner] = (fused[0], frozenset(f"{owner}.{c}" if owner else c for c in fused[1]))
-    return KernelPlan(folds, forwards)
+    return KernelPlan(folds, forwards, chains)
 
 
 @torch.no_grad()
@@ -466,11 +503,17 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
     sparse weights and passes its input through (``FoldedBatchNorm2d``): at batch 64 the norms'
     passes over the activations cost as much as the sparse convs. A residual add that only reads a
     sparse conv's output (or its folded norm's) is computed in the conv's pass. Both come from
-    ``plan`` (by default traced here; see ``KernelPlan``). Returns how many layers may run sparse."""
+    ``plan`` (by default traced here; see ``KernelPlan``).
+
+    A quantized conv (frozen input grid of at most 8 bits) whose output the next quantized conv
+    reads through ReLUs and identities only (``plan.chains``) may also run on the int8 kernel
+    (``lcs.layers.int8``), emitting its output as codes on the next conv's grid; both then quantize
+    their input themselves (their ``LayerQuant`` hooks are deferred). Returns how many layers may
+    run sparse."""
     chooser = chooser or default_chooser()
     names = set(layers) if layers is not None else None
     fast_pool = direct_kernel.available()
-    pools, sparse = [], []  # decided before any class changes: the fold trace needs the plain network
+    pools, candidates, grids = [], {}, {}  # decided before any class changes: the traces need the plain network
     for fqn, m in net.named_modules():
         if fast_pool and pool_kernel.eligible(m):
             pools.append(m)
@@ -480,26 +523,36 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
         w = m.weight.detach()
         # nonzeros counted in float (|w|'s sign is 1 or 0): 2.7x faster than count_nonzero's bool kernel
         # here, exact below 2^24 elements and within rounding above
-        density = float(w.abs().sign_().sum()) / max(1, w.numel())
-        if density <= max_density:
-            sparse.append((fqn, m, density))
-    if plan is None and any(isinstance(m, nn.Conv2d) for _, m, _ in sparse):
-        plan = kernel_plan(net)  # traced only where a conv goes sparse (a dense network never is)
+        candidates[fqn] = (m, float(w.abs().sign_().sum()) / max(1, w.numel()))
+        quant = m._modules.get("lcs_quant")
+        grid = int8_kernel.input_grid(quant) if quant is not None and int8_kernel.available() else None
+        if grid is not None and isinstance(m, nn.Conv2d):
+            grids[fqn] = grid
+    sparse = {fqn for fqn, (_, density) in candidates.items() if density <= max_density}
+    if plan is None and (grids or any(isinstance(candidates[f][0], nn.Conv2d) for f in sparse)):
+        plan = kernel_plan(net)  # traced only where a conv may go sparse or integer (a dense network never does)
     plan = plan or KernelPlan({})
+    chains = {a: b for a, b in plan.chains.items() if a in grids and b in grids}
+    chained = set(chains) | set(chains.values())
     for m in pools:
         m.__class__ = pool_kernel.FastMaxPool2d
-    for fqn, m, density in sparse:
+    for fqn in sorted(sparse | chained):
+        m, density = candidates[fqn]
         m.__class__ = SparseConv2d if isinstance(m, nn.Conv2d) else SparseLinear
         d = m.__dict__  # plain attributes, written directly (nn.Module.__setattr__ is slow, and a switch pays it)
-        for k in _BUILT:  # of an earlier weight, if any: rebuilt on first sparse use
+        for k in (*_BUILT, *_CHAIN, "lcs_fold"):  # of an earlier weight, if any: rebuilt on first use
             d.pop(k, None)
-        d.pop("lcs_fold", None)
         d["lcs_density"], d["lcs_decisions"], d["lcs_chooser"] = density, {}, chooser
+        if fqn in chained:  # the layer quantizes its own input (8-bit codes may arrive from the conv before)
+            quant = m._modules["lcs_quant"]
+            quant.__dict__["lcs_deferred"] = True
+            d["lcs_quant_in"], d["lcs_grid_in"] = quant, grids[fqn]
+            d["lcs_int8_out"] = grids.get(chains.get(fqn, ""))
         bn = _foldable(net, plan.folds.get(fqn))
         if bn is not None:
             d["lcs_fold"] = bn
             bn.__class__ = FoldedBatchNorm2d
-    made_sparse = {fqn for fqn, _, _ in sparse}
+    made_sparse = sparse
     for owner, (forward, convs) in plan.forwards.items():
         block = net.get_submodule(owner)
         _unfuse(block)  # an earlier plan's; a fused forward only where one of its convs is sparse
@@ -534,7 +587,10 @@ def dense_kernels(net: nn.Module) -> nn.Module:
         plain = _PLAIN.get(type(m))
         if plain is not None:
             m.__class__ = plain
-            for attr in (*_BUILT, "lcs_fold", "lcs_density", "lcs_decisions", "lcs_chooser"):
+            quant = m.__dict__.get("lcs_quant_in")
+            if quant is not None:
+                quant.__dict__.pop("lcs_deferred", None)  # its hook quantizes the input again
+            for attr in (*_BUILT, *_CHAIN, "lcs_fold", "lcs_density", "lcs_decisions", "lcs_chooser"):
                 m.__dict__.pop(attr, None)
     return net
 
@@ -549,11 +605,17 @@ def check_kernels(kernels: str) -> str:
 
 
 def sparse_layer_count(net: nn.Module, batch: int) -> int:
-    """How many layers of ``net`` run on a sparse kernel at ``batch`` (as decided so far)."""
-    return sum(d.get(batch, "dense") != "dense" for d in kernel_report(net).values())
+    """How many layers of ``net`` run on a sparse kernel (csr, direct) at ``batch`` (as decided so far)."""
+    return sum(d.get(batch, "dense") in ("csr", "direct") for d in kernel_report(net).values())
+
+
+def int8_layer_count(net: nn.Module, batch: int) -> int | None:
+    """How many layers of ``net`` run on the int8 kernel at ``batch``; None where no layer can."""
+    layers = [m for m in net.modules() if isinstance(m, _SparseMixin) and m.int8_weight() is not None]
+    return sum(m.lcs_decisions.get(batch) == "int8" for m in layers) if layers else None
 
 
 def kernel_report(net: nn.Module) -> dict[str, dict[int, str]]:
-    """{layer: {batch: kernel}} ("dense", "csr" or "direct") for every accelerated layer that has
-    served a batch."""
+    """{layer: {batch: kernel}} ("dense", "csr", "direct" or "int8") for every accelerated layer that
+    has served a batch."""
     return {fqn: dict(m.lcs_decisions) for fqn, m in net.named_modules() if isinstance(m, _SparseMixin)}

@@ -265,6 +265,12 @@ class LayerQuant(nn.Module):
         self.act_observed.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # deferred: the layer runs on lcs.layers.kernels, which quantizes the input itself (to 8-bit
+        # codes for an integer kernel, or with ``quantize`` for a float one)
+        return x if self.__dict__.get("lcs_deferred", False) else self.quantize(x)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` fake-quantized on this layer's grid (observed first in training mode)."""
         if not self.active:
             return x
         if self.training:
