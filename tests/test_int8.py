@@ -159,8 +159,10 @@ def test_int8_network_copies_trains_dense_and_undoes():
         assert torch.equal(copy.deepcopy(fast)(x), out)  # a copy packs its own weights, same codes
     y = fast(x)  # autograd: the float kernels with the layers' own fake quantization
     assert torch.allclose(y, plain(x), atol=1e-6)
+    assert fast._forward_pre_hooks and out.is_contiguous()  # fed channels-last, hands back the usual layout
     dense_kernels(fast)
     assert not any(m.__dict__.get("lcs_deferred") for m in fast.modules())  # the hooks quantize again
+    assert not fast._forward_pre_hooks and not fast._forward_hooks
     with torch.no_grad():
         assert torch.allclose(fast(x), plain(x), atol=1e-6)
 
@@ -207,3 +209,14 @@ def test_loaded_quantized_artifact_runs_its_chains_on_int8(tmp_path):
         ref, out = dense(x), fast(x)
     assert (out - ref).abs().max() <= 1e-2 * ref.abs().max()
     assert kernel_report(fast)["blocks.0.conv1"][3] == "int8"
+
+
+@needs_int8
+def test_baked_int8_networks_leave_their_template_alone():
+    """``Baker`` networks share their template's hook dicts: the channels-last hooks go in a dict of
+    their own, so a later dense-kernel bake has none and computes the float network."""
+    sub = _quantized_network(4)
+    fast = lcs.materialize(sub, 0.5, kernels="auto")
+    dense = lcs.materialize(sub, 0.5)
+    assert fast._forward_pre_hooks and not dense._forward_pre_hooks
+    assert not any(m.__dict__.get("lcs_deferred") for m in dense.modules())

@@ -217,7 +217,11 @@ class _SparseMixin:
         if x.is_quantized:
             x = x.dequantize()  # codes on this layer's own grid: its fake quantization would not move them
         elif d.get("lcs_quant_in") is not None:
-            x = d["lcs_quant_in"].quantize(x)
+            quant = d["lcs_quant_in"]
+            if torch.is_grad_enabled() or quant.training or x.dtype != torch.float32:
+                x = quant.quantize(x)  # with its straight-through gradient (and observation, in training)
+            else:  # the same grid values in two passes over x instead of five
+                x = int8_kernel.quantize_input(x, d["lcs_grid_in"]).dequantize()
         if kernel == "direct":
             return direct_kernel.direct_conv2d(x, self.direct(), self, self.effective()[1], residual)
         if kernel == "dense":
@@ -533,17 +537,16 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
         plan = kernel_plan(net)  # traced only where a conv may go sparse or integer (a dense network never does)
     plan = plan or KernelPlan({})
     chains = {a: b for a, b in plan.chains.items() if a in grids and b in grids}
-    chained = set(chains) | set(chains.values())
     for m in pools:
         m.__class__ = pool_kernel.FastMaxPool2d
-    for fqn in sorted(sparse | chained):
+    for fqn in sorted(sparse | set(grids)):
         m, density = candidates[fqn]
         m.__class__ = SparseConv2d if isinstance(m, nn.Conv2d) else SparseLinear
         d = m.__dict__  # plain attributes, written directly (nn.Module.__setattr__ is slow, and a switch pays it)
         for k in (*_BUILT, *_CHAIN, "lcs_fold"):  # of an earlier weight, if any: rebuilt on first use
             d.pop(k, None)
         d["lcs_density"], d["lcs_decisions"], d["lcs_chooser"] = density, {}, chooser
-        if fqn in chained:  # the layer quantizes its own input (8-bit codes may arrive from the conv before)
+        if fqn in grids:  # the layer quantizes its own input (8-bit codes may arrive from the conv before)
             quant = m._modules["lcs_quant"]
             quant.__dict__["lcs_deferred"] = True
             d["lcs_quant_in"], d["lcs_grid_in"] = quant, grids[fqn]
@@ -553,6 +556,7 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
             d["lcs_fold"] = bn
             bn.__class__ = FoldedBatchNorm2d
     made_sparse = sparse
+    _channels_last_input(net, bool(chains))
     for owner, (forward, convs) in plan.forwards.items():
         block = net.get_submodule(owner)
         _unfuse(block)  # an earlier plan's; a fused forward only where one of its convs is sparse
@@ -560,6 +564,36 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
             block.__dict__["forward"] = types.MethodType(forward, block)
             block.__dict__["lcs_fused"] = True
     return len(sparse)
+
+
+def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype == torch.float32:
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return args
+
+
+def _contiguous_output(module: nn.Module, args: tuple, out: Any) -> Any:
+    return out.contiguous() if isinstance(out, torch.Tensor) else out
+
+
+def _channels_last_input(net: nn.Module, on: bool) -> None:
+    """Feed ``net`` channels-last inputs (and hand back a contiguous output) while integer kernels
+    run in it: they read and write channels-last codes, and the float layers between them (convs,
+    norms, residual adds) then run in the same layout instead of converting at every mixed add
+    (cPreResNet20 at batch 64: 37 → 33 ms). Hooks on the root, in dicts of its own (a ``Runtime``
+    network shares its template's)."""
+    d = net.__dict__
+    ids = d.pop("lcs_channels_last", None)
+    if ids is not None:
+        net._forward_pre_hooks.pop(ids[0], None)
+        net._forward_hooks.pop(ids[1], None)
+    if on:
+        d["_forward_pre_hooks"] = type(net._forward_pre_hooks)(net._forward_pre_hooks)
+        d["_forward_hooks"] = type(net._forward_hooks)(net._forward_hooks)
+        pre = net.register_forward_pre_hook(_to_channels_last)
+        post = net.register_forward_hook(_contiguous_output)
+        d["lcs_channels_last"] = (pre.id, post.id)
 
 
 def _unfuse(m: nn.Module) -> None:
@@ -582,6 +616,7 @@ def _foldable(net: nn.Module, bn_fqn: str | None) -> nn.Module | None:
 def dense_kernels(net: nn.Module) -> nn.Module:
     """Undo ``accelerate`` in place: plain ``nn.Conv2d`` / ``nn.Linear`` / ``nn.MaxPool2d`` again (for ONNX
     export, training)."""
+    _channels_last_input(net, False)
     for m in net.modules():
         _unfuse(m)
         plain = _PLAIN.get(type(m))
