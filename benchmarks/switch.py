@@ -25,6 +25,7 @@ import lcs
 from lcs.alloc import keep_freed_memory
 from lcs.deploy.runtime import Runtime, save_subspace
 from lcs.eval.evaluate import default_grid
+from lcs.layers.quant import set_activation_quant
 from lcs.regimes import REGISTRY
 
 
@@ -39,6 +40,13 @@ def bench(regime: str, geometry: str, repeats: int, batch: int, tmp: str) -> dic
     record = REGISTRY[regime]
     kwargs = {"num_classes": 10, "norm": record.default_norm("lcs_l")}
     sub = lcs.convert(lcs.models.create("cpreresnet20", **kwargs), record.config(geometry=geometry))
+    if set_activation_quant(sub.model, True):  # quantized: frozen input grids, as a trained network has
+        sub.model.train()  # (so the integer kernels take part in the switch and its first batch)
+        with torch.no_grad():
+            for a in _points(sub.config):
+                sub.move(a)
+                sub.model(torch.randn(16, 3, 32, 32))
+        sub.model.eval()
     path = Path(tmp) / f"{regime}-{geometry}.safetensors"
     save_subspace(sub, path, {"name": "cpreresnet20", "kwargs": kwargs}, {"input_shape": [3, 32, 32]})
     rt = Runtime.load(path, cache_mb=0)  # every switch bakes: the cost of a first visit
