@@ -1,4 +1,4 @@
-"""Sparse kernels for unstructured networks, chosen per layer by measurement on this machine.
+"""Sparse and integer kernels for compressed networks, chosen per layer by measurement on this machine.
 
 A TopK network at density 0.05 holds 95 % zeros, but ``nn.Conv2d`` multiplies them all. Here each
 mostly-zero Conv2d / Linear can run on one of two sparse kernels:
@@ -14,6 +14,9 @@ Which of ``dense``, ``csr`` and ``direct`` is fastest depends on the layer's sha
 batch and the CPU (SPEC §8), so it is decided by a micro-benchmark of each kernel on the real input
 shape, once per (machine, layer shape, input size, batch, density bucket), and cached on disk
 (``$LCS_CACHE/kernels-*.json``), so that a later switch of α costs only building the sparse weights.
+
+A quantized conv that hands its output to the next quantized conv (``KernelPlan.chains``) has a
+fourth candidate, ``int8`` (``lcs.layers.int8``): the codes go from conv to conv as 8-bit tensors.
 
 ``accelerate(net)`` turns a plain network's compressible layers into ``SparseConv2d`` /
 ``SparseLinear``: subclasses with the same parameters and state dict (the dense weight stays, so
@@ -352,7 +355,7 @@ class KernelChooser:
         return kernels
 
     def choose(self, timings: dict[str, float]) -> str:
-        """The fastest kernel, where a sparse one must beat dense by the margin."""
+        """The fastest kernel, where a sparse or integer one must beat dense by the margin."""
         best = min((k for k in timings if k != "dense"), key=lambda k: timings[k], default=None)
         return best if best is not None and timings[best] < self.margin * timings["dense"] else "dense"
 
@@ -555,12 +558,11 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
         if bn is not None:
             d["lcs_fold"] = bn
             bn.__class__ = FoldedBatchNorm2d
-    made_sparse = sparse
     _channels_last_input(net, bool(chains))
     for owner, (forward, convs) in plan.forwards.items():
         block = net.get_submodule(owner)
         _unfuse(block)  # an earlier plan's; a fused forward only where one of its convs is sparse
-        if convs & made_sparse:
+        if convs & sparse:
             block.__dict__["forward"] = types.MethodType(forward, block)
             block.__dict__["lcs_fused"] = True
     return len(sparse)
