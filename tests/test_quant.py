@@ -242,9 +242,14 @@ def test_export_equals_fake_quantized_subspace_and_is_packed(tmp_path):
         path = tmp_path / f"q{bits}.safetensors"
         sizes[bits] = lcs.save_compressed(lcs.materialize(sub, a), path, {**META, "alpha": a})
         assert sizes[bits] == artifact_bytes(lcs.materialize(sub, a), META | {"alpha": a})
-        loaded = lcs.load_compressed(path)
+        loaded = lcs.load_compressed(path, kernels="dense")
         with sub.at(a), torch.no_grad():
-            assert torch.allclose(loaded(x), sub.model(x), atol=1e-5)
+            ref = sub.model(x)
+            assert torch.allclose(loaded(x), ref, atol=1e-5)  # the artifact is the network, exactly
+            # on the kernels a device runs (int8 chains where they win): equal up to rounding ties
+            fast = lcs.load_compressed(path)(x)
+            assert (fast - ref).abs().max() <= 1e-2 * ref.abs().max()
+            assert torch.equal(fast.argmax(1), ref.argmax(1))
         header = describe_artifact(path)
         assert header["quant"] == {fqn: bits for fqn in sub.compressed}
         for fqn in sub.compressed:
