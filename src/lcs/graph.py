@@ -80,18 +80,17 @@ def residual_adds(graph: fx.Graph, modules: dict[str, nn.Module], norm_types: tu
 _RELUS = (torch.relu, torch.relu_, torch.nn.functional.relu)
 
 
-def _passes_through(node: fx.Node, modules: dict[str, nn.Module], skip: tuple[type, ...]) -> bool:
+def _passes_through(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """An elementwise step that maps 8-bit codes to 8-bit codes on the same grid: a ReLU (the max
-    with the zero point) or a module of ``skip`` (identities)."""
+    with the zero point) or an identity."""
     if node.op == "call_module":
-        return isinstance(modules[node.target], (nn.ReLU, nn.Identity, *skip))
+        return isinstance(modules[node.target], (nn.ReLU, nn.Identity))
     return node.op == "call_function" and node.target in _RELUS
 
 
-def conv_chains(graph: fx.Graph, modules: dict[str, nn.Module], skip: tuple[type, ...] = ()
-                ) -> list[tuple[fx.Node, fx.Node]]:
+def conv_chains(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[tuple[fx.Node, fx.Node]]:
     """(producer conv, consumer conv) for every plain conv whose output reaches exactly one other
-    plain conv through nothing but single-reader ReLUs and identities (or ``skip`` modules): the
+    plain conv through nothing but single-reader ReLUs and identities: the
     producer can emit its output directly on the grid the consumer quantizes its input to."""
     pairs = []
     for node in graph.nodes:
@@ -104,7 +103,7 @@ def conv_chains(graph: fx.Graph, modules: dict[str, nn.Module], skip: tuple[type
                 if nxt.args and nxt.args[0] is cur:
                     pairs.append((node, nxt))
                 break
-            if not (_passes_through(nxt, modules, skip) and nxt.args and nxt.args[0] is cur):
+            if not (_passes_through(nxt, modules) and nxt.args and nxt.args[0] is cur):
                 break
             cur = nxt
     return pairs

@@ -519,7 +519,7 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
     run sparse."""
     chooser = chooser or default_chooser()
     names = set(layers) if layers is not None else None
-    fast_pool = direct_kernel.available()
+    fast_pool, integer = direct_kernel.available(), int8_kernel.available()
     pools, candidates, grids = [], {}, {}  # decided before any class changes: the traces need the plain network
     for fqn, m in net.named_modules():
         if fast_pool and pool_kernel.eligible(m):
@@ -532,7 +532,7 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
         # here, exact below 2^24 elements and within rounding above
         candidates[fqn] = (m, float(w.abs().sign_().sum()) / max(1, w.numel()))
         quant = m._modules.get("lcs_quant")
-        grid = int8_kernel.input_grid(quant) if quant is not None and int8_kernel.available() else None
+        grid = int8_kernel.input_grid(quant) if quant is not None and integer else None
         if grid is not None and isinstance(m, nn.Conv2d):
             grids[fqn] = grid
     sparse = {fqn for fqn, (_, density) in candidates.items() if density <= max_density}
