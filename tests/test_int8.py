@@ -26,7 +26,7 @@ class Prefer(KernelChooser):
         super().__init__(path="")
         self.kernel = kernel
 
-    def decide(self, layer, x):
+    def decide(self, layer, x, **_):
         return self.kernel if self.kernel in self.candidates(layer) else "dense"
 
 
@@ -174,7 +174,7 @@ def test_float_choice_on_a_chain_reads_codes_from_the_conv_before():
     plain = lcs.materialize(sub, 1.0)
 
     class ProducersOnly(Prefer):
-        def decide(self, layer, x):
+        def decide(self, layer, x, **_):
             return "int8" if "int8" in self.candidates(layer) and not x.is_quantized else "dense"
 
     fast = copy.deepcopy(plain)

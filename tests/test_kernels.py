@@ -32,7 +32,7 @@ class Always(KernelChooser):
         super().__init__(path="")
         self.kernel = kernel
 
-    def decide(self, layer, x):
+    def decide(self, layer, x, **_):
         return self.kernel if self.kernel in self.candidates(layer) else "csr"
 
 
@@ -117,12 +117,12 @@ def test_choice_follows_the_measurement_and_is_cached(tmp_path, monkeypatch):
     chooser = KernelChooser(path=str(path), repeats=1)
     # batch 1: csr twice as fast as dense; batch 8: dense twice as fast as csr, direct fastest of all
     tables = iter([{"dense": 2.0, "csr": 1.0, "direct": 1.5}, {"dense": 1.0, "csr": 2.0, "direct": 0.5}])
-    monkeypatch.setattr(chooser, "measure", lambda layer, x: {k: chooser.now[k] for k in chooser.candidates(layer)})
+    monkeypatch.setattr(chooser, "measure", lambda layer, x, *_: {k: chooser.now[k] for k in chooser.candidates(layer)})
     real_decide = chooser.decide
 
-    def decide(layer, x):
+    def decide(layer, x, **kw):
         chooser.now = next(tables)
-        return real_decide(layer, x)
+        return real_decide(layer, x, **kw)
 
     monkeypatch.setattr(chooser, "decide", decide)
     accelerate(net, chooser=chooser)
@@ -134,7 +134,7 @@ def test_choice_follows_the_measurement_and_is_cached(tmp_path, monkeypatch):
     table = json.loads(path.read_text())
     assert sorted(v["kernel"] for v in table.values()) == sorted(["csr", best8])
     again = KernelChooser(path=str(path))  # a new process reads the decisions instead of measuring
-    monkeypatch.setattr(again, "measure", lambda layer, x: pytest.fail("measured again"))
+    monkeypatch.setattr(again, "measure", lambda layer, x, *_: pytest.fail("measured again"))
     accelerate(net2, chooser=again)
     with torch.no_grad():
         net2(torch.randn(1, 16, 8, 8))
@@ -171,7 +171,7 @@ def test_a_sparse_kernel_must_beat_dense_by_the_margin():
 
 def test_a_tie_keeps_the_dense_kernel(monkeypatch):
     chooser = KernelChooser(path="", repeats=1)
-    monkeypatch.setattr(chooser, "measure", lambda layer, x: dict.fromkeys(chooser.candidates(layer), 1.0))
+    monkeypatch.setattr(chooser, "measure", lambda layer, x, *_: dict.fromkeys(chooser.candidates(layer), 1.0))
     net = nn.Sequential(nn.Linear(64, 64))
     with torch.no_grad():
         net[0].weight.mul_(torch.rand_like(net[0].weight) < 0.05)
@@ -475,7 +475,8 @@ def test_residual_adds_are_fused_into_sparse_convs_and_compute_the_same(kernel, 
 
     net = _residual_net()
     plan = kernel_plan(net)
-    assert {k: v[1] for k, v in plan.forwards.items()} == {"1": {"1.conv2"}, "2": {"2.conv2"}}
+    # conv2 adds the residual; conv1 applies the ReLU after its folded norm
+    assert {k: v[1] for k, v in plan.forwards.items()} == {"1": {"1.conv1", "1.conv2"}, "2": {"2.conv1", "2.conv2"}}
     x = torch.randn(batch, 3, 9, 9)
     with torch.no_grad():
         ref = net(x)
@@ -503,7 +504,8 @@ def test_residual_adds_are_fused_into_sparse_convs_and_compute_the_same(kernel, 
 
 def test_a_block_keeps_its_own_forward_where_its_fused_conv_stays_dense():
     net = _residual_net()
-    net[2].conv2.weight.data = torch.randn_like(net[2].conv2.weight)  # dense: not accelerated
+    for conv in (net[2].conv1, net[2].conv2):  # the block's fused convs dense: not accelerated
+        conv.weight.data = torch.randn_like(conv.weight)
     accelerate(net, chooser=Always("csr"))
     assert "forward" in net[1].__dict__ and "forward" not in net[2].__dict__
 
@@ -535,3 +537,91 @@ def test_the_first_compiled_kernel_call_keeps_torchs_thread_count():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@needs_numba
+@pytest.mark.parametrize("k,stride", [(1, 1), (1, 2), (3, 1), (3, 2)])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_direct_conv_applies_the_norm_and_relu_before_it_and_the_relu_after_it(k, stride, batch, with_residual):
+    g = torch.Generator().manual_seed(7 * batch + k + stride)
+    conv = nn.Conv2d(12, 10, k, stride=stride, padding=0)  # unpadded: the prologue's precondition
+    conv.weight.data = _sparse_weight(conv.weight.shape, 0.3, g)  # > 8 nonzeros per output: both loops
+    bn = nn.BatchNorm2d(12).eval()
+    bn.running_mean.uniform_(-1, 1, generator=g)
+    bn.running_var.uniform_(0.3, 2, generator=g)
+    bn.weight.data.uniform_(-1, 1.5, generator=g)  # negative scales too: the ReLU sits after the affine map
+    bn.bias.data.uniform_(-0.5, 0.5, generator=g)
+    x = torch.randn(batch, 12, 13, 11, generator=g)
+    with torch.no_grad():
+        ref = conv(torch.relu(bn(x)))
+        residual = torch.randn(ref.shape, generator=g) if with_residual else None
+        ref = torch.relu(ref + residual if with_residual else ref)
+        w = direct.DirectWeight(conv.weight, conv.stride)
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        t = bn.bias - bn.running_mean * s
+        chan = torch.from_numpy(w.chan)
+        out = direct.direct_conv2d(x, w, conv, conv.bias, residual,
+                                   prologue=(s[chan].numpy(), t[chan].numpy()), relu=True)
+    assert (out >= 0).all()
+    assert torch.allclose(out, ref, atol=1e-5)
+    padded = nn.Conv2d(12, 10, 3, padding=1)
+    with pytest.raises(ValueError, match="unpadded"):
+        direct.direct_conv2d(x, direct.DirectWeight(padded.weight, (1, 1)), padded, None,
+                             prologue=(s[chan].numpy(), t[chan].numpy()))
+
+
+def _fusions(net: nn.Module) -> dict[str, tuple]:
+    from lcs.graph import conv_fusions, trace
+
+    graph, modules = trace(net, "test")
+    name = lambda n: n.target if n is not None else None  # noqa: E731
+    return {f.conv.target: (name(f.pre_norm), name(f.norm), f.residual is not None, f.relu)
+            for f in conv_fusions(graph, modules, (nn.BatchNorm2d,))}
+
+
+def test_conv_fusions_find_the_pre_activation_and_post_activation_chains():
+    pre = _fusions(lcs.models.create("cpreresnet20", num_classes=10, norm="bn").blocks[0])
+    # norm1 → ReLU → conv1 (1×1): read by conv1; the 3×3 conv2 is padded: its ReLU is conv1's epilogue
+    assert pre["conv1"] == ("norm1", "norm2", False, True)
+    assert pre["conv2"] == (None, "norm3", False, True)
+    assert pre["conv3"] == (None, None, True, False)  # conv3 adds the shortcut conv's output
+    assert "shortcut" not in pre
+    post = _fusions(lcs.models.create("resnet18", num_classes=10, norm="bn").layer2[0])
+    assert post["conv1"] == (None, "bn1", False, True)
+    assert post["conv2"] == (None, "bn2", True, True)  # relu(bn2(conv2(y)) + identity)
+
+
+@pytest.mark.parametrize("kernel", [pytest.param("direct", marks=needs_numba), "csr", "dense"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_a_pre_activation_network_on_fused_kernels_equals_the_dense_network(kernel, batch):
+    torch.manual_seed(batch)
+    sub = lcs.convert(lcs.models.create("cpreresnet20", num_classes=10, norm="bn"),
+                      lcs.UnstructuredConfig(geometry="point", d_min=0.05))
+    for m in sub.model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(-0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    sub.model.eval()
+    net = lcs.materialize(sub, 0.05, kernels="dense")
+    x = torch.randn(batch, 3, 32, 32)
+    norm_calls = []
+    with torch.no_grad():
+        ref = net(x)
+        fast = copy.deepcopy(net)
+        accelerate(fast, chooser=Always(kernel))
+        fast(x)
+        hook = nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: norm_calls.append(m) if type(m) is nn.BatchNorm2d else None)
+        try:
+            out = fast(x)
+        finally:
+            hook.remove()
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    assert out.argmax(1).tolist() == ref.argmax(1).tolist()
+    # norm2 / norm3 fold into the convs; each block's norm1 is computed by the direct kernel as conv1
+    # reads its input (the other kernels run it as a module first); the last norm reads no conv
+    norm1s = [b.norm1 for b in fast.blocks] if kernel != "direct" else []
+    assert norm_calls == [*norm1s, fast.norm]

@@ -3,14 +3,16 @@ which add sums a conv's output with a residual.
 
 Both BatchNorm folding (quantization) and LEC channel pruning need "this norm reads the output
 of that conv, and nothing else reads it": only then can the norm be merged into the conv (fold)
-or the conv's channels removed with the norm's (prune). The sparse kernels add a residual in the
-conv's own pass where "conv (→ norm) → add" is a chain nothing else reads; the integer kernels
+or the conv's channels removed with the norm's (prune). The sparse kernels compute a whole chain
+around a conv in its own pass where nothing else reads its steps (``conv_fusions``: the
+pre-activation norm and ReLU before it, the residual add and ReLU after it); the integer kernels
 hand a conv's output to the next conv as 8-bit codes where "conv (→ ReLU / identity) → conv" is
 one (``conv_chains``). Deploy side: imports only torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -19,7 +21,7 @@ from torch import nn
 
 from .errors import LcsError
 
-__all__ = ["trace", "is_plain_conv", "norms_after_convs", "residual_adds", "conv_chains"]
+__all__ = ["trace", "is_plain_conv", "norms_after_convs", "ConvFusion", "conv_fusions", "conv_chains"]
 
 
 def trace(model: nn.Module, purpose: str) -> tuple[fx.Graph, dict[str, nn.Module]]:
@@ -51,33 +53,107 @@ def norms_after_convs(graph: fx.Graph, modules: dict[str, nn.Module], norm_types
 
 
 _ADDS = (operator.add, torch.add)
-
-
-def residual_adds(graph: fx.Graph, modules: dict[str, nn.Module], norm_types: tuple[type, ...] = ()
-                  ) -> list[tuple[fx.Node, fx.Node, fx.Node | None, fx.Node]]:
-    """(add node, conv node, norm node or None, residual node) for every two-tensor add one of whose
-    operands is a plain conv's output (or that of a ``norm_types`` norm reading only that conv) that
-    nothing else reads: the conv can compute ``conv(x) (→ norm) + residual`` in one pass."""
-    found = []
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target not in _ADDS or node.kwargs or len(node.args) != 2:
-            continue
-        for i, operand in enumerate(node.args):
-            other = node.args[1 - i]
-            if not isinstance(operand, fx.Node) or not isinstance(other, fx.Node) or len(operand.users) != 1:
-                continue
-            norm = None
-            if operand.op == "call_module" and isinstance(modules[operand.target], norm_types):
-                norm, operand = operand, operand.args[0]
-                if not isinstance(operand, fx.Node) or len(operand.users) != 1:
-                    continue
-            if is_plain_conv(operand, modules) and operand is not other:
-                found.append((node, operand, norm, other))
-                break
-    return found
-
-
 _RELUS = (torch.relu, torch.relu_, torch.nn.functional.relu)
+
+
+def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return type(modules[node.target]) is nn.ReLU
+    return node.op == "call_function" and node.target in _RELUS and set(node.kwargs) <= {"inplace"}
+
+
+def _only_reader(node: fx.Node) -> fx.Node | None:
+    """The one node that reads ``node`` as its first argument, or None."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    return user if user.args and user.args[0] is node else None
+
+
+def _fused_operand(add: fx.Node, modules: dict[str, nn.Module], norm_types: tuple[type, ...]) -> fx.Node | None:
+    """The operand of a two-tensor add that a conv computing it can add the other to: the first
+    that is a plain conv's output (or a ``norm_types`` norm's of one), read by nothing else."""
+    if add.op != "call_function" or add.target not in _ADDS or add.kwargs or len(add.args) != 2:
+        return None
+    a, b = add.args
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node) or a is b:
+        return None
+    for operand in (a, b):
+        if len(operand.users) != 1:
+            continue
+        conv = operand
+        if operand.op == "call_module" and isinstance(modules[operand.target], norm_types):
+            conv = operand.args[0]
+            if not isinstance(conv, fx.Node) or len(conv.users) != 1:
+                continue
+        if is_plain_conv(conv, modules):
+            return operand
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvFusion:
+    """A chain around one plain conv that the conv's kernel can compute in its own pass:
+    ``relu?(norm?(conv(relu(pre_norm(x)))) + residual?)``.
+
+    ``pre_norm``: a BatchNorm whose output only a ReLU reads, whose output only this conv reads, the
+    conv unpadded (a pre-activation block's norm → ReLU → 1×1 conv: the padded zeros of a k×k conv
+    would not stay zero). ``norm``: a ``norm_types`` norm that only reads the conv's output (it folds
+    into the conv's weights). ``residual``: the other operand of a two-tensor add that reads the
+    (normed) conv output and nothing else does. ``relu``: a ReLU is the only reader of the result.
+    ``nodes``: every node the fused call replaces, in graph order; the last one's readers read it."""
+
+    conv: fx.Node
+    pre_norm: fx.Node | None
+    norm: fx.Node | None
+    residual: fx.Node | None
+    relu: bool
+    nodes: tuple[fx.Node, ...]
+
+    @property
+    def input(self) -> fx.Node:
+        return (self.pre_norm if self.pre_norm is not None else self.conv).args[0]
+
+
+def conv_fusions(graph: fx.Graph, modules: dict[str, nn.Module], norm_types: tuple[type, ...] = ()
+                 ) -> list[ConvFusion]:
+    """Every ``ConvFusion`` that fuses something besides a norm (a pre-norm, an add or a ReLU), in
+    graph order; a node belongs to one fusion at most (the earlier conv's: a norm → ReLU between two
+    convs is better folded into the first than recomputed by the second for each tap that reads it)."""
+    found, used = [], set()
+    for node in graph.nodes:
+        if not is_plain_conv(node, modules) or node.kwargs or len(node.args) != 1:
+            continue
+        nodes = [node]
+        pre_norm = None
+        relu_in = node.args[0]
+        if isinstance(relu_in, fx.Node) and relu_in not in used and _is_relu(relu_in, modules) \
+                and _only_reader(relu_in) is node and all(p == 0 for p in modules[node.target].padding):
+            norm_in = relu_in.args[0]
+            if isinstance(norm_in, fx.Node) and norm_in not in used and norm_in.op == "call_module" \
+                    and type(modules[norm_in.target]) is nn.BatchNorm2d and _only_reader(norm_in) is relu_in:
+                pre_norm = norm_in
+                nodes = [norm_in, relu_in, node]
+        cur, norm, residual, relu = node, None, None, False
+        nxt = _only_reader(cur)
+        if nxt is not None and nxt.op == "call_module" and isinstance(modules[nxt.target], norm_types):
+            norm = cur = nxt
+            nodes.append(cur)
+        if len(cur.users) == 1:
+            (add,) = cur.users
+            if _fused_operand(add, modules, norm_types) is cur:
+                residual = add.args[1] if add.args[0] is cur else add.args[0]
+                cur = add
+                nodes.append(cur)
+        nxt = _only_reader(cur)
+        if nxt is not None and _is_relu(nxt, modules):
+            relu, cur = True, nxt
+            nodes.append(cur)
+        if pre_norm is None and residual is None and not relu:
+            continue
+        found.append(ConvFusion(node, pre_norm, norm, residual, relu, tuple(nodes)))
+        used.update(nodes)
+    return found
 
 
 def _passes_through(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

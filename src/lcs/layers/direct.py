@@ -44,13 +44,16 @@ def _kernel() -> Any:
         return None
 
     @numba.njit(parallel=True, fastmath={"contract"}, cache=True)  # FMAs; no reassociation
-    def accumulate(xf, sample, starts, ptr, vals, bias, res, out, ho, wo, row):
+    def accumulate(xf, sample, starts, ptr, vals, pa, pb, bias, res, relu, out, ho, wo, row):
         # acc[t] = bias[o] (+ res[b, o] at t's output position, when res is given: a residual add in
-        # the same pass) + Σ_n vals[n] · xf[b·sample + starts[n] + t], t over the output rows laid out
-        # with the phase plane's row width; the valid columns then go to out[b, o]
+        # the same pass) + Σ_n vals[n] · x_n(t), with x_n(t) = xf[b·sample + starts[n] + t], or, when a
+        # prologue (pa, pb) is given, max(pa[n]·x + pb[n], 0): the norm and ReLU before the conv, computed
+        # as each tap reads its input; t over the output rows laid out with the phase plane's row width;
+        # the valid columns then go to out[b, o], clamped at 0 when relu
         batch, outs, _ = out.shape
         length = (ho - 1) * row + wo
         with_res = res.shape[0] > 0
+        with_pre = pa.shape[0] > 0
         for bo in numba.prange(batch * outs):
             b = bo // outs
             o = bo - b * outs
@@ -71,20 +74,41 @@ def _kernel() -> Any:
                 x4, x5, x6, x7 = xf[s4:s4 + length], xf[s5:s5 + length], xf[s6:s6 + length], xf[s7:s7 + length]
                 w0, w1, w2, w3, w4, w5, w6, w7 = vals[n], vals[n + 1], vals[n + 2], vals[n + 3], vals[n + 4], \
                     vals[n + 5], vals[n + 6], vals[n + 7]
-                for t in range(length):
-                    acc[t] += (w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t]) + \
-                        (w4 * x4[t] + w5 * x5[t] + w6 * x6[t] + w7 * x7[t])
+                if with_pre:
+                    a0, a1, a2, a3, a4, a5, a6, a7 = pa[n], pa[n + 1], pa[n + 2], pa[n + 3], pa[n + 4], \
+                        pa[n + 5], pa[n + 6], pa[n + 7]
+                    c0, c1, c2, c3, c4, c5, c6, c7 = pb[n], pb[n + 1], pb[n + 2], pb[n + 3], pb[n + 4], \
+                        pb[n + 5], pb[n + 6], pb[n + 7]
+                    for t in range(length):
+                        acc[t] += (w0 * max(a0 * x0[t] + c0, 0.0) + w1 * max(a1 * x1[t] + c1, 0.0)
+                                   + w2 * max(a2 * x2[t] + c2, 0.0) + w3 * max(a3 * x3[t] + c3, 0.0)) + \
+                            (w4 * max(a4 * x4[t] + c4, 0.0) + w5 * max(a5 * x5[t] + c5, 0.0)
+                             + w6 * max(a6 * x6[t] + c6, 0.0) + w7 * max(a7 * x7[t] + c7, 0.0))
+                else:
+                    for t in range(length):
+                        acc[t] += (w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t]) + \
+                            (w4 * x4[t] + w5 * x5[t] + w6 * x6[t] + w7 * x7[t])
                 n += 8
             while n < end:
                 s0 = base + starts[n]
                 x0 = xf[s0:s0 + length]
                 w0 = vals[n]
-                for t in range(length):
-                    acc[t] += w0 * x0[t]
+                if with_pre:
+                    a0, c0 = pa[n], pb[n]
+                    for t in range(length):
+                        acc[t] += w0 * max(a0 * x0[t] + c0, 0.0)
+                else:
+                    for t in range(length):
+                        acc[t] += w0 * x0[t]
                 n += 1
             dst = out[b, o]
-            for y in range(ho):
-                dst[y * wo:(y + 1) * wo] = acc[y * row:y * row + wo]
+            if relu:
+                for y in range(ho):
+                    for q in range(wo):
+                        dst[y * wo + q] = max(acc[y * row + q], 0.0)
+            else:
+                for y in range(ho):
+                    dst[y * wo:(y + 1) * wo] = acc[y * row:y * row + wo]
 
     return numba, accumulate
 
@@ -196,12 +220,21 @@ def _phase_planes(x: torch.Tensor, conv: nn.Conv2d, compiled: bool = True) -> tu
 _NO_RESIDUAL = np.zeros((0, 0, 0), np.float32)
 
 
+_NO_PROLOGUE = np.zeros(0, np.float32)
+
+
 def direct_conv2d(x: torch.Tensor, weight: DirectWeight, conv: nn.Conv2d, bias: torch.Tensor | None,
-                  residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``conv(x)`` (float32, CPU) by direct sparse convolution, plus ``residual`` (a tensor of the
-    output's shape) added in the same pass; equal to ``F.conv2d`` (+ residual) up to float
-    summation order. The add costs no pass of its own: at batch 64 a residual network's adds took
-    a third of its sparse forward."""
+                  residual: torch.Tensor | None = None, *, prologue: tuple[np.ndarray, np.ndarray] | None = None,
+                  relu: bool = False) -> torch.Tensor:
+    """``relu?(conv(relu(s·x + t)) + residual)`` (float32, CPU) by direct sparse convolution:
+    ``prologue`` = (s, t) per nonzero of ``weight`` (the input channel's scale and shift: an eval
+    BatchNorm, then a ReLU; unpadded convs only, where every tap reads a real input element),
+    ``residual`` a tensor of the output's shape, added in the same pass, and ``relu`` applied as
+    the output is written. Equal to ``F.conv2d`` with those steps around it up to float summation
+    order. None of them costs a pass of its own: at batch 64 a residual network's adds took a
+    third of its sparse forward, its pre-activation norms and ReLUs a fifth."""
+    if prologue is not None and any(conv.padding):
+        raise ValueError("a prologue needs an unpadded conv: the padded zeros would not stay zero")
     accumulate = _kernel()[1]
     planes, ho, wo, hq, wq = _phase_planes(x.float(), conv)
     n, c = planes.shape[:2]
@@ -210,11 +243,13 @@ def direct_conv2d(x: torch.Tensor, weight: DirectWeight, conv: nn.Conv2d, bias: 
     res = _NO_RESIDUAL
     if residual is not None:
         if residual.shape != (n, weight.outs, ho, wo) or residual.dtype != torch.float32:
-            return direct_conv2d(x, weight, conv, bias) + residual  # broadcasting or another dtype: torch's add
+            y = direct_conv2d(x, weight, conv, bias, prologue=prologue) + residual  # broadcasting / dtype: torch's add
+            return y.relu_() if relu else y
         res = residual.detach().contiguous().view(n, weight.outs, ho * wo).numpy()
     phases = planes.shape[2]
+    pa, pb = prologue if prologue is not None else (_NO_PROLOGUE, _NO_PROLOGUE)
     args = (planes.numpy().reshape(-1), c * phases * hq * wq, weight.starts(phases, hq * wq, wq), weight.ptr,
-            weight.vals, b, res, out.numpy(), ho, wo, wq)
+            weight.vals, pa, pb, b, res, bool(relu), out.numpy(), ho, wo, wq)
     call(accumulate, *args)
     return out.view(n, weight.outs, ho, wo)
 

@@ -51,7 +51,7 @@ from . import int8 as int8_kernel
 from . import pool as pool_kernel
 
 __all__ = ["SparseConv2d", "SparseLinear", "FoldedBatchNorm2d", "accelerate", "KernelPlan", "kernel_plan",
-           "conv_add", "dense_kernels",
+           "conv_fused", "dense_kernels",
            "kernel_report", "sparse_layer_count", "int8_layer_count",
            "check_kernels", "KernelChooser",
            "MAX_DENSITY", "csr_conv2d", "csr_linear", "conv_columns"]
@@ -195,28 +195,56 @@ class _SparseMixin:
             d["lcs_int8"] = int8_kernel.pack_weight(self, quant) if ok else None
         return d["lcs_int8"]
 
-    def _kernel(self, x: torch.Tensor) -> str:
-        """The kernel for this input: "dense" for autograd and inputs neither float32 nor 8-bit codes,
-        else the measured choice."""
+    def prologue(self, pre: nn.Module) -> tuple[Any, Any]:
+        """``pre``'s eval affine map (s = γ/√(σ² + ε), t = β − μ·s) per nonzero of the direct weight
+        (the scale and shift of the input channel each nonzero reads), built once: the direct
+        kernel computes ReLU(s·x + t) as it reads x, so the norm's and the ReLU's passes are gone."""
+        packed = self.__dict__.get("lcs_prologue")
+        if packed is None or packed[0] is not pre:
+            s = torch.rsqrt(pre.running_var + pre.eps)
+            t = -pre.running_mean * s
+            if pre.affine:
+                s, t = s * pre.weight.detach(), t * pre.weight.detach() + pre.bias.detach()
+            chan = torch.from_numpy(self.direct().chan)
+            packed = (pre, s.float()[chan].contiguous().numpy(), t.float()[chan].contiguous().numpy())
+            self.__dict__["lcs_prologue"] = packed
+        return packed[1], packed[2]
+
+    def _kernel(self, x: torch.Tensor, pre: nn.Module | None = None, relu: bool = False) -> str:
+        """The kernel for this input: "dense" for autograd, norms in training and inputs neither
+        float32 nor 8-bit codes, else the measured choice."""
         fold = self.__dict__.get("lcs_fold")
         if (x.dtype != torch.float32 and not x.is_quantized) or torch.is_grad_enabled() \
-                or (fold is not None and fold.training):
+                or (fold is not None and fold.training) or (pre is not None and pre.training):
             return "dense"
         batch = int(x.shape[0]) if x.dim() > 1 else 1
         if batch not in self.lcs_decisions and self.lcs_chooser is not None:
-            self.lcs_decisions[batch] = self.lcs_chooser.decide(self, x)
+            self.lcs_decisions[batch] = self.lcs_chooser.decide(self, x, pre=pre, relu=relu)
         return _nearest(self.lcs_decisions, batch)
 
-    def run(self, kernel: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """This layer's output on ``kernel`` (what the chooser times, and the forward pass runs),
-        plus ``residual`` where given (the direct kernel adds it in its own pass). A layer on a chain
-        of integer kernels (``lcs_quant_in``) quantizes its input here: to u8 codes for ``int8``
-        (8-bit codes from the conv before it are used as they are), by fake quantization otherwise."""
+    def run(self, kernel: str, x: torch.Tensor, residual: torch.Tensor | None = None,
+            pre: nn.Module | None = None, relu: bool = False) -> torch.Tensor:
+        """This layer's output on ``kernel`` (what the chooser times, and the forward pass runs):
+        ``relu?(conv(relu(pre(x))) + residual?)``, where ``pre`` is a BatchNorm before the ReLU
+        before this conv (``conv_fused``). The direct kernel computes the pre-norm, the add and the
+        last ReLU in its own pass; the others run them around the product. A layer on a chain of
+        integer kernels (``lcs_quant_in``) quantizes its input here (after ``pre``): to u8 codes
+        for ``int8`` (8-bit codes from the conv before it are used as they are), by fake
+        quantization otherwise."""
         d = self.__dict__
+        in_kernel = kernel == "direct" and d.get("lcs_quant_in") is None and not x.is_quantized
+        if pre is not None and not (in_kernel and _eval_affine(pre)):
+            x = torch.relu(pre(x))
+            pre = None
+        if kernel == "direct" and not x.is_quantized and d.get("lcs_quant_in") is None:
+            return direct_kernel.direct_conv2d(x, self.direct(), self, self.effective()[1], residual,
+                                               prologue=self.prologue(pre) if pre is not None else None,
+                                               relu=relu)
         if kernel == "int8":
             grid = d["lcs_grid_in"]
             q = x if x.is_quantized else int8_kernel.quantize_input(x, grid)
-            return int8_kernel.int8_conv2d(q, self.int8_weight(), d["lcs_int8_out"])
+            y = int8_kernel.int8_conv2d(q, self.int8_weight(), d["lcs_int8_out"])
+            return _finish(y, residual, relu)
         if x.is_quantized:
             x = x.dequantize()  # codes on this layer's own grid: its fake quantization would not move them
         elif d.get("lcs_quant_in") is not None:
@@ -226,7 +254,8 @@ class _SparseMixin:
             else:  # the same grid values in two passes over x instead of five
                 x = int8_kernel.quantize_input(x, d["lcs_grid_in"]).dequantize()
         if kernel == "direct":
-            return direct_kernel.direct_conv2d(x, self.direct(), self, self.effective()[1], residual)
+            y = direct_kernel.direct_conv2d(x, self.direct(), self, self.effective()[1], residual)
+            return torch.relu(y) if relu else y
         if kernel == "dense":
             fold = self.__dict__.get("lcs_fold")
             if fold is not None and not (fold.training or torch.is_grad_enabled()):
@@ -240,10 +269,26 @@ class _SparseMixin:
                  else csr_linear(x, self.csr(), self.bias))
         else:
             raise ValueError(f"unknown kernel {kernel!r}")
-        return y if residual is None else y + residual
+        return _finish(y, residual, relu)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.run(self._kernel(x), x, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, pre: nn.Module | None = None,
+                relu: bool = False) -> torch.Tensor:
+        return self.run(self._kernel(x, pre, relu), x, residual, pre, relu)
+
+
+def _finish(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """``relu?(y + residual?)``; in place where autograd allows (y is the kernel's fresh output)."""
+    if residual is not None:
+        y = y + residual
+    if not relu:
+        return y
+    return torch.relu(y) if (y.requires_grad or y.is_quantized) else y.relu_()
+
+
+def _eval_affine(norm: nn.Module) -> bool:
+    """A BatchNorm2d that, in eval mode, is the per-channel affine map of its running statistics."""
+    return (type(norm) is nn.BatchNorm2d and not norm.training and norm.track_running_stats
+            and norm.running_mean is not None)
 
 
 class SparseConv2d(_SparseMixin, nn.Conv2d):
@@ -265,7 +310,8 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
 
 _PLAIN = {SparseConv2d: nn.Conv2d, SparseLinear: nn.Linear, pool_kernel.FastMaxPool2d: nn.MaxPool2d,
           FoldedBatchNorm2d: nn.BatchNorm2d}
-_BUILT = ("lcs_csr", "lcs_direct", "lcs_effective", "lcs_int8")  # derived from the weight, rebuilt on first use
+# derived from the weight (and the norm before it), rebuilt on first use
+_BUILT = ("lcs_csr", "lcs_direct", "lcs_effective", "lcs_int8", "lcs_prologue")
 # an integer-kernel chain's wiring (``accelerate``): the input quantizer and its grid, the next conv's grid
 _CHAIN = ("lcs_quant_in", "lcs_grid_in", "lcs_int8_out")
 
@@ -313,7 +359,7 @@ class KernelChooser:
                 self._table = {}  # a damaged cache only costs re-measuring
 
     @staticmethod
-    def key(layer: nn.Module, x: torch.Tensor) -> str:
+    def key(layer: nn.Module, x: torch.Tensor, pre: nn.Module | None = None, relu: bool = False) -> str:
         bucket = round(layer.lcs_density * _BUCKET)
         if isinstance(layer, nn.Conv2d):
             shape = (f"conv{tuple(layer.weight.shape)}s{layer.stride}p{layer.padding}d{layer.dilation}"
@@ -323,15 +369,19 @@ class KernelChooser:
         folded = "|bn" if layer.__dict__.get("lcs_fold") is not None else ""  # its timings include the norm
         # int8: timed on the integer kernel too; q: its input arrives as 8-bit codes
         codes = ("|int8" if "int8" in KernelChooser.candidates(layer) else "") + ("|q" if x.is_quantized else "")
-        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}{folded}{codes}|k5"  # k5: compiled phase split
+        # pre / relu: its timings include the norm and ReLU before it, the ReLU after it
+        around = ("|pre" if pre is not None else "") + ("|relu" if relu else "")
+        return f"{shape}|b{int(x.shape[0])}|d{bucket}/{_BUCKET}{folded}{codes}{around}|k5"  # k5: compiled phase split
 
-    def measure(self, layer: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    def measure(self, layer: nn.Module, x: torch.Tensor, pre: nn.Module | None = None,
+                relu: bool = False) -> dict[str, float]:
         """Each candidate kernel's best time on ``x``, in ms. The kernels take turns, round by round
         (dense, csr, direct, dense, ...). Timed one kernel after the other, a change of load on the
         machine between two kernels' turns decided the choice: on this VM, whose speed drifts by
         ±50 % within minutes, cached choices marked 1×1 convs dense at one density that direct ran
         in two thirds of dense's time at the densities beside it, and when timed again."""
-        runs = {k: functools.partial(layer.run, k) for k in self.candidates(layer)}
+        around = {"pre": pre, "relu": relu} if pre is not None or relu else {}
+        runs = {k: functools.partial(layer.run, k, **around) for k in self.candidates(layer)}
         for run in runs.values():
             run(x)  # warm-up: first use builds the sparse copies
         best = dict.fromkeys(runs, math.inf)
@@ -359,15 +409,17 @@ class KernelChooser:
         best = min((k for k in timings if k != "dense"), key=lambda k: timings[k], default=None)
         return best if best is not None and timings[best] < self.margin * timings["dense"] else "dense"
 
-    def decide(self, layer: nn.Module, x: torch.Tensor) -> str:
-        key = self.key(layer, x)
+    def decide(self, layer: nn.Module, x: torch.Tensor, pre: nn.Module | None = None, relu: bool = False) -> str:
+        """The kernel for ``layer`` on ``x`` (inside ``relu?(layer(relu(pre(x))))`` where given):
+        cached, or measured now."""
+        key = self.key(layer, x, pre, relu)
         with self._lock:
             hit = self._table.get(key)
         if hit is not None:  # timings are cached, the margin is applied now
             # only kernels that can run here (a cache written where numba was installed may name direct)
             return self.choose({k: hit[f"{k}_ms"] for k in self.candidates(layer) if f"{k}_ms" in hit})
         with torch.no_grad():
-            timings = self.measure(layer, x)
+            timings = self.measure(layer, x, pre, relu)
         kernel = self.choose(timings)
         with self._lock:
             self._table[key] = {"kernel": kernel, **{f"{k}_ms": ms for k, ms in timings.items()}}
@@ -404,15 +456,23 @@ def _eligible(m: nn.Module) -> bool:
     return type(m) is nn.Linear
 
 
-def conv_add(conv: nn.Module, norm: nn.Module | None, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``norm(conv(x)) + residual`` (``conv(x) + residual`` without a norm): what a ``KernelPlan``'s
-    forward calls in place of a residual add. A sparse conv that folded the norm computes it all in
-    its own pass (the direct kernel adds the residual while it accumulates); anything else runs the
-    modules and the add as the model did."""
+def conv_fused(conv: nn.Module, pre: nn.Module | None, norm: nn.Module | None, x: torch.Tensor,
+               residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """``relu?(norm?(conv(relu(pre(x)))) + residual?)`` (a ``lcs.graph.ConvFusion``): what a
+    ``KernelPlan``'s forward calls in place of the chain. A sparse conv that folded the norm
+    computes it all in its own pass (the direct kernel applies the pre-norm and ReLU as it reads
+    its input, adds the residual as it accumulates and clamps as it writes); anything else runs
+    the modules and the add as the model did."""
     if isinstance(conv, SparseConv2d) and (norm is None or conv.__dict__.get("lcs_fold") is norm):
-        return conv(x, residual)
+        return conv(x, residual, pre=pre, relu=relu)
+    if pre is not None:
+        x = torch.relu(pre(x))
     y = conv(x)
-    return (y if norm is None else norm(y)) + residual
+    if norm is not None:
+        y = norm(y)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,10 +482,11 @@ class KernelPlan:
 
     ``folds``: {conv: BatchNorm2d} for each BN that reads a plain conv's output and nothing else
     does (what may fold into a sparse conv). ``forwards``: {module: (forward, convs)} for each
-    module whose own forward holds a "conv (→ norm) → + residual" chain nothing else reads (a
-    residual block): that forward, recompiled with the chain as one ``conv_add`` call, and the
-    convs (full names) it fuses. ``accelerate`` binds it to the block where one of those convs is
-    sparse: at batch 64 the adds took a third of the sparse cPreResNet20's time. Blocks are
+    module whose own forward holds a chain "norm → ReLU →" conv "(→ norm) (→ + residual) (→ ReLU)"
+    nothing else reads (``lcs.graph.ConvFusion``; a residual block): that forward, recompiled with
+    each chain as one ``conv_fused`` call, and the convs (full names) it fuses. ``accelerate`` binds
+    it to the block where one of those convs is sparse: at batch 64 the adds took a third of the
+    sparse cPreResNet20's time, and the pre-activation norms and ReLUs a fifth. Blocks are
     rewritten one by one, not the whole network as one flat forward: the flat one's attribute
     chains (``getattr(self.blocks, "0").conv1``) cost 0.15 ms a forward at batch 1. ``chains``:
     {conv: next conv} where the first's output reaches the second through ReLUs and identities
@@ -437,44 +498,52 @@ class KernelPlan:
 
 
 def _fused_forward(block: nn.Module) -> tuple[Any, list[str]] | None:
-    """``block``'s forward with its residual adds computed by the convs (``conv_add``), compiled by
-    fx, and the fused convs' names within the block; None where there is nothing to fuse or fx
-    cannot trace or compile the block alone."""
+    """``block``'s forward with each ``ConvFusion`` in it computed by one ``conv_fused`` call,
+    compiled by fx, and the fused convs' names within the block; None where there is nothing to
+    fuse or fx cannot trace or compile the block alone."""
     from ..errors import LcsError
-    from ..graph import residual_adds, trace
+    from ..graph import conv_fusions, trace
 
     try:
-        graph, modules = trace(block, "fusing residual adds")
+        graph, modules = trace(block, "fusing residual adds and ReLUs")
     except LcsError:
         return None
-    adds = residual_adds(graph, modules, (nn.BatchNorm2d,))
-    if not adds:
+    fusions = conv_fusions(graph, modules, (nn.BatchNorm2d,))
+    if not fusions:
         return None
-    replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # an add already fused that a later one reads
-    for add, conv, norm, residual in adds:
-        with graph.inserting_before(add):
-            conv_mod = graph.get_attr(conv.target)
-            norm_mod = graph.get_attr(norm.target) if norm is not None else None
-            fused = graph.call_function(conv_add, (conv_mod, norm_mod, replaced.get(conv.args[0], conv.args[0]),
-                                                   replaced.get(residual, residual)))
-        add.replace_all_uses_with(fused)
-        replaced[add] = fused
-        for node in (add, norm, conv):
-            if node is not None:
-                graph.erase_node(node)
+    for f in fusions:  # arguments read now: an earlier fusion's replacement is already in place
+        last = f.nodes[-1]
+        with graph.inserting_before(last):
+            mods = [graph.get_attr(n.target) if n is not None else None for n in (f.conv, f.pre_norm, f.norm)]
+            fused = graph.call_function(conv_fused, (*mods, f.input, f.residual, f.relu))
+        last.replace_all_uses_with(fused)
+        for node in reversed(f.nodes):
+            graph.erase_node(node)
     try:
         graph.lint()
         forward = type(torch.fx.GraphModule(block, graph)).forward
     except Exception:  # noqa: BLE001 - a graph fx cannot compile back: keep the block's own forward
         return None
-    return forward, [conv.target for _, conv, _, _ in adds]
+    return forward, [f.conv.target for f in fusions]
+
+
+def _owner(nodes: tuple[torch.fx.Node, ...]) -> str:
+    """The innermost module whose own forward holds every node (a module call's own entry on fx's
+    module stack is the called leaf, not its owner); "" for the root."""
+    common: list[str] | None = None
+    for node in nodes:
+        stack = [name for name, _ in (node.meta.get("nn_module_stack") or {}).values()]
+        if node.op == "call_module":
+            stack = stack[:-1]
+        common = stack if common is None else [a for a, b in zip(common, stack, strict=False) if a == b]
+    return common[-1] if common else ""
 
 
 def kernel_plan(net: nn.Module) -> KernelPlan:
     """The ``KernelPlan`` of a plain network; an empty one for a model that cannot be traced
     (folding and fusing are only savings)."""
     from ..errors import LcsError
-    from ..graph import conv_chains, norms_after_convs, residual_adds, trace
+    from ..graph import conv_chains, conv_fusions, norms_after_convs, trace
 
     try:
         graph, modules = trace(net, "folding BatchNorm into sparse convs")
@@ -482,18 +551,18 @@ def kernel_plan(net: nn.Module) -> KernelPlan:
         return KernelPlan({})
     folds = {conv.target: bn.target for conv, bn in norms_after_convs(graph, modules, (nn.BatchNorm2d,))}
     chains = {a.target: b.target for a, b in conv_chains(graph, modules)}
-    owners = set()  # the modules whose own forward holds a fusable add (innermost on fx's module stack)
-    for add, conv, _, _ in residual_adds(graph, modules, (nn.BatchNorm2d,)):
-        stack = add.meta.get("nn_module_stack") or {}
-        owner = next(reversed(stack.values()))[0] if stack else ""
-        if not owner or conv.target.startswith(owner + "."):
-            owners.add(owner)
+    # the modules whose own forward holds a fusion; the root only in a flat model: where blocks hold
+    # fusions too, one flat forward's attribute chains cost more than the root's own fusions save
+    owners = {_owner(f.nodes) for f in conv_fusions(graph, modules, (nn.BatchNorm2d,))}
+    if len(owners) > 1:
+        owners.discard("")
     forwards = {}
     for owner in sorted(owners):
         fused = _fused_forward(net.get_submodule(owner))
         if fused is not None:
             forwards[owner] = (fused[0], frozenset(f"{owner}.{c}" if owner else c for c in fused[1]))
     return KernelPlan(folds, forwards, chains)
+
 
 
 @torch.no_grad()
