@@ -5,9 +5,10 @@ For each model and density: the plain network at that density (TopK of a convert
 accelerate`` (each layer on the kernel its micro-benchmark picked here), timed interleaved in one
 process (dense, sparse, dense, sparse, ...), so load changes hit both alike. Prints the speed-up
 (dense ms / sparse ms), how many layers run sparse, and checks the outputs agree; writes JSON.
-A third network, the best dense one at hand (BatchNorm folded into the convs by
-``torch.fx.experimental.optimization.fuse``, and lcs's compiled max pool), separates what the
-sparse kernels buy (``speedup_vs_best_dense``) from what folding and the pool buy every α alike.
+Two more networks, the best dense ones at hand (BatchNorm folded into the convs by
+``torch.fx.experimental.optimization.fuse``, and lcs's compiled max pool; in NCHW and in
+channels-last), separate what the sparse kernels buy (``speedup_vs_best_dense``, against the faster
+of the two) from what folding, layout and the pool buy every α alike.
 
 Targets (issue 15): cPreResNet20 at density 0.05: ≥ 1.5× at batch 64, ≥ 1.3× at batch 1; ResNet18
 (224×224) at 0.05: ≥ 2.5× at batch 1, at 0.1: ≥ 2×; no density slower than 0.95× dense.
@@ -49,6 +50,17 @@ def _interleaved(fns: list, x: torch.Tensor, repeats: int) -> list[list[float]]:
     return times
 
 
+class _ChannelsLast(torch.nn.Module):
+    """A network run channels-last, its input converted inside the timed call."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+
 def bench(name: str, shape: tuple[int, ...], batches: tuple[int, ...], densities: tuple[float, ...],
           repeats: int, chooser: KernelChooser, norm: str = "bn") -> list[dict]:
     torch.manual_seed(0)
@@ -58,10 +70,13 @@ def bench(name: str, shape: tuple[int, ...], batches: tuple[int, ...], densities
     rows = []
     for d in densities:
         dense = lcs.materialize(sub, d)
-        # the fastest dense network at hand: BatchNorm folded into the convs by torch.fx's inference
-        # fusion, and the compiled max pool; beside it, the sparse kernels' own gain shows
+        # the fastest dense networks at hand: BatchNorm folded into the convs by torch.fx's inference
+        # fusion, and the compiled max pool, in PyTorch's default layout and channels-last (oneDNN's
+        # NCHW convs cost several times their channels-last time on some hosts); beside the faster,
+        # the sparse kernels' own gain shows
         best_dense = fuse(lcs.materialize(sub, d))
-        accelerate(best_dense, [], chooser=chooser)
+        accelerate(best_dense, [], chooser=chooser, channels_last=False)
+        cl_dense = _ChannelsLast(fuse(lcs.materialize(sub, d)))
         fast = lcs.materialize(sub, d)
         accelerate(fast, sub.compressed, chooser=chooser)
         for b in batches:
@@ -69,17 +84,20 @@ def bench(name: str, shape: tuple[int, ...], batches: tuple[int, ...], densities
             with torch.no_grad():
                 err = float((fast(x) - dense(x)).abs().max())  # also measures the kernel choice (cached)
             reps = repeats if b == 1 else max(5, repeats // 3)
-            td, tb, ts = _interleaved([dense, best_dense, fast], x, reps)
-            md, mb, ms = statistics.median(td), statistics.median(tb), statistics.median(ts)
+            td, tn, tc, ts = _interleaved([dense, best_dense, cl_dense, fast], x, reps)
+            md, mn, mc, ms = (statistics.median(t) for t in (td, tn, tc, ts))
+            mb = min(mn, mc)
             chosen = [v.get(b, "dense") for v in kernel_report(fast).values()]
             sparse = sum(k != "dense" for k in chosen)
             row = {"model": name, "norm": norm, "density": d, "batch": b, "dense_ms": md, "sparse_ms": ms,
-                   "speedup": md / ms, "best_dense_ms": mb, "speedup_vs_best_dense": mb / ms,
+                   "speedup": md / ms, "fused_dense_ms": mn, "channels_last_dense_ms": mc,
+                   "best_dense_ms": mb, "speedup_vs_best_dense": mb / ms,
                    "sparse_layers": sparse, "csr_layers": chosen.count("csr"),
                    "direct_layers": chosen.count("direct"),
                    "compressed_layers": len(sub.compressed), "max_abs_diff": err}
             rows.append(row)
-            print(f"{name:>13} d={d:<5g} b{b:<3d} dense {md:8.2f} ms  best dense {mb:8.2f} ms  fast {ms:8.2f} ms  "
+            print(f"{name:>13} d={d:<5g} b{b:<3d} dense {md:8.2f} ms  best dense {mb:8.2f} ms "
+                  f"({'channels-last' if mc < mn else 'NCHW'})  fast {ms:8.2f} ms  "
                   f"{md / ms:5.2f}x ({mb / ms:4.2f}x best dense)  "
                   f"{sparse:2d}/{len(sub.compressed)} layers sparse ({chosen.count('direct')} direct)  "
                   f"max|diff| {err:.1e}", flush=True)

@@ -625,3 +625,56 @@ def test_a_pre_activation_network_on_fused_kernels_equals_the_dense_network(kern
     # reads its input (the other kernels run it as a module first); the last norm reads no conv
     norm1s = [b.norm1 for b in fast.blocks] if kernel != "direct" else []
     assert norm_calls == [*norm1s, fast.norm]
+
+
+@pytest.mark.parametrize("winner", ["channels_last", "nchw"])
+def test_a_dense_network_runs_in_the_layout_that_measured_faster_and_remembers_it(tmp_path, monkeypatch, winner):
+    from lcs.layers import kernels as K
+
+    timings = {"channels_last": 1.0, "nchw": 2.0} if winner == "channels_last" else {"channels_last": 1.0, "nchw": 1.02}
+    measured = []
+    monkeypatch.setattr(K._Layout, "_measure", lambda self, module, x: measured.append(x.shape) or dict(timings))
+    torch.manual_seed(0)
+    net = lcs.models.create("cpreresnet20", num_classes=10, norm="bn").eval()
+    seen = []
+    net.stem.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+        chooser = KernelChooser(path=str(tmp_path / "kernels.json"))
+        assert accelerate(net, chooser=chooser) == 0  # nothing sparse: the layout is the only choice
+        seen.clear()
+        out = net(x)
+        net(x)
+    assert measured == [x.shape]  # once per input shape
+    # channels-last must win by 5 %: 1.0 against 1.02 keeps the default layout
+    assert seen == ([False, False] if winner == "channels_last" else [True, True])
+    assert out.is_contiguous() and torch.allclose(out, ref, atol=1e-5)
+    assert K.layout_report(net) == {tuple(x.shape): winner}
+    twin = copy.deepcopy(net)  # a copy keeps the decisions and shares the cache
+    with torch.no_grad():
+        assert torch.allclose(twin(x), ref, atol=1e-5)
+    again = lcs.models.create("cpreresnet20", num_classes=10, norm="bn").eval()
+    accelerate(again, chooser=KernelChooser(path=str(tmp_path / "kernels.json")))  # a new process: read, not measured
+    with torch.no_grad():
+        again(x)
+    assert measured == [x.shape] and K.layout_report(again) == {tuple(x.shape): winner}
+    dense_kernels(net)
+    assert K.layout_report(net) is None and not net._forward_pre_hooks
+
+
+def test_the_layout_is_not_measured_in_training_nor_where_layers_run_sparse(monkeypatch):
+    from lcs.layers import kernels as K
+
+    monkeypatch.setattr(K._Layout, "_measure", lambda *a: pytest.fail("measured"))
+    net = lcs.models.create("cpreresnet20", num_classes=10, norm="bn")
+    accelerate(net, chooser=KernelChooser(path=""))
+    net.train()
+    net(torch.randn(2, 3, 16, 16))  # training, with autograd: the input as given
+    assert K.layout_report(net) == {}
+    sparse = _residual_net()
+    accelerate(sparse, chooser=Always("csr"))
+    assert K.layout_report(sparse) is None  # sparse kernels read NCHW: no choice to make
+    fixed = lcs.models.create("cpreresnet20", num_classes=10, norm="bn").eval()
+    accelerate(fixed, chooser=KernelChooser(path=""), channels_last=False)
+    assert K.layout_report(fixed) is None and not fixed._forward_pre_hooks

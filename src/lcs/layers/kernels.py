@@ -52,7 +52,7 @@ from . import pool as pool_kernel
 
 __all__ = ["SparseConv2d", "SparseLinear", "FoldedBatchNorm2d", "accelerate", "KernelPlan", "kernel_plan",
            "conv_fused", "dense_kernels",
-           "kernel_report", "sparse_layer_count", "int8_layer_count",
+           "kernel_report", "layout_report", "sparse_layer_count", "int8_layer_count",
            "check_kernels", "KernelChooser",
            "MAX_DENSITY", "csr_conv2d", "csr_linear", "conv_columns"]
 
@@ -426,6 +426,22 @@ class KernelChooser:
             self._save()
         return kernel
 
+    def layout(self, signature: str, x: torch.Tensor, measure: Any) -> bool:
+        """Whether a network (``signature``) runs faster channels-last on inputs shaped like ``x``:
+        cached, or ``measure()``d now ({"nchw": ms, "channels_last": ms}). Channels-last must win
+        by 5 %: the default layout costs no conversion of the input."""
+        key = f"layout|{signature}|in{tuple(x.shape)}|l1"
+        with self._lock:
+            hit = self._table.get(key)
+        if hit is None:
+            timings = measure()
+            hit = {"layout": "channels_last" if timings["channels_last"] < 0.95 * timings["nchw"] else "nchw",
+                   **{f"{k}_ms": ms for k, ms in timings.items()}}
+            with self._lock:
+                self._table[key] = hit
+                self._save()
+        return hit["layout"] == "channels_last"
+
     def _save(self) -> None:
         if not self.path:
             return
@@ -567,7 +583,8 @@ def kernel_plan(net: nn.Module) -> KernelPlan:
 
 @torch.no_grad()
 def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: KernelChooser | None = None,
-               max_density: float = MAX_DENSITY, plan: KernelPlan | None = None) -> int:
+               max_density: float = MAX_DENSITY, plan: KernelPlan | None = None,
+               channels_last: bool | None = None) -> int:
     """Give each eligible layer (the named ``layers``, default every Conv2d / Linear) whose density is
     at most ``max_density`` a CSR copy of its weight and the per-batch kernel choice, in place.
     Inference then runs each on whichever kernel measured faster here (no-grad float32 only;
@@ -584,8 +601,17 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
     A quantized conv (frozen input grid of at most 8 bits) whose output the next quantized conv
     reads through ReLUs and identities only (``plan.chains``) may also run on the int8 kernel
     (``lcs.layers.int8``), emitting its output as codes on the next conv's grid; both then quantize
-    their input themselves (their ``LayerQuant`` hooks are deferred). Returns how many layers may
-    run sparse."""
+    their input themselves (their ``LayerQuant`` hooks are deferred).
+
+    ``channels_last``: whether the network runs channels-last (its input converted on entry, its
+    output handed back contiguous); None decides: always where integer kernels run (they read and
+    write channels-last codes); where no layer may run sparse and the network has a conv, per input
+    shape, whichever layout the whole network measured faster on its first no-grad eval call (cached
+    with the kernel choices; ``layout_report``): oneDNN's channels-last convs skip the reorders its
+    NCHW convs pay at every layer (cPreResNet20 at batch 64 here: 1.5× faster), but lost at batch 1
+    on ResNet18 and on 16×16 inputs. The sparse kernels read NCHW planes: a network with sparse
+    layers stays NCHW (converting around each of them cost more than it saved). Returns how many
+    layers may run sparse."""
     chooser = chooser or default_chooser()
     names = set(layers) if layers is not None else None
     fast_pool, integer = direct_kernel.available(), int8_kernel.available()
@@ -627,7 +653,13 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
         if bn is not None:
             d["lcs_fold"] = bn
             bn.__class__ = FoldedBatchNorm2d
-    _channels_last_input(net, bool(chains))
+    if channels_last is None:  # dense kernels everywhere: whichever layout measures faster, per input shape
+        dense_convs = not sparse and any(isinstance(m, nn.Conv2d) and m.weight.device.type == "cpu"
+                                         for m in net.modules())
+        layout: bool | str = True if chains else ("measure" if dense_convs else False)
+    else:
+        layout = channels_last
+    _channels_last_input(net, layout, chooser)
     for owner, (forward, convs) in plan.forwards.items():
         block = net.get_submodule(owner)
         _unfuse(block)  # an earlier plan's; a fused forward only where one of its convs is sparse
@@ -637,34 +669,97 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
     return len(sparse)
 
 
-def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
-    x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype == torch.float32:
+def _signature(net: nn.Module) -> str:
+    """A network's architecture as the layout decision sees it: module names, types, parameter shapes."""
+    parts = [f"{n}:{type(m).__name__}:{[tuple(p.shape) for p in m.parameters(recurse=False)]}"
+             for n, m in net.named_modules()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+class _Layout:
+    """The root pre-hook that feeds a network channels-last inputs: always (``always``: integer
+    kernels run in it), or per input shape where the whole network measured faster that way
+    (``KernelChooser.layout``, measured on the first no-grad eval call with that shape)."""
+
+    def __init__(self, net: nn.Module, chooser: KernelChooser, always: bool):
+        self.always, self.chooser = always, chooser
+        self.signature = "" if always else _signature(net)
+        self.chosen: dict[tuple[int, ...], bool] = {}
+        self.busy = False  # inside its own measurement: inputs pass as given
+
+    def __deepcopy__(self, memo: dict) -> _Layout:  # the chooser is a shared cache (it holds a lock)
+        new = copy.copy(self)
+        new.chosen, new.busy = dict(self.chosen), False
+        return new
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        x = args[0] if args else None
+        if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype == torch.float32) or self.busy:
+            return args
+        if not self.always:
+            shape = tuple(x.shape)
+            cl = self.chosen.get(shape)
+            if cl is None:
+                if torch.is_grad_enabled() or module.training:
+                    return args
+                cl = self.chosen[shape] = self.chooser.layout(self.signature, x, lambda: self._measure(module, x))
+            if not cl:
+                return args
         return (x.contiguous(memory_format=torch.channels_last), *args[1:])
-    return args
+
+    def _measure(self, module: nn.Module, x: torch.Tensor) -> dict[str, float]:
+        """The network's best time on ``x`` in each layout (ms), the layouts taking turns."""
+        runs = {"nchw": x.contiguous(), "channels_last": x.contiguous(memory_format=torch.channels_last)}
+        best = dict.fromkeys(runs, math.inf)
+        self.busy = True
+        try:
+            with torch.no_grad():
+                for inp in runs.values():
+                    module(inp)  # warm-up: first use builds folded weights, oneDNN's primitives
+                for _ in range(self.chooser.repeats):
+                    for k, inp in runs.items():
+                        t0 = time.perf_counter()
+                        module(inp)
+                        best[k] = min(best[k], time.perf_counter() - t0)
+        finally:
+            self.busy = False
+        return {k: t * 1e3 for k, t in best.items()}
 
 
 def _contiguous_output(module: nn.Module, args: tuple, out: Any) -> Any:
     return out.contiguous() if isinstance(out, torch.Tensor) else out
 
 
-def _channels_last_input(net: nn.Module, on: bool) -> None:
-    """Feed ``net`` channels-last inputs (and hand back a contiguous output) while integer kernels
-    run in it: they read and write channels-last codes, and the float layers between them (convs,
-    norms, residual adds) then run in the same layout instead of converting at every mixed add
-    (cPreResNet20 at batch 64: 37 → 33 ms). Hooks on the root, in dicts of its own (a ``Runtime``
-    network shares its template's)."""
+def _channels_last_input(net: nn.Module, layout: bool | str, chooser: KernelChooser | None = None) -> None:
+    """Feed ``net`` channels-last inputs (and hand back a contiguous output): every layer after
+    then runs in that layout (integer kernels read and write channels-last codes; convs, norms
+    and residual adds follow their input's layout) instead of converting at every mixed add
+    (int8 cPreResNet20 at batch 64: 37 → 33 ms). ``layout``: True always, "measure" where that
+    measured faster (``_Layout``), False never. Hooks on the root, in dicts of its own (a
+    ``Runtime`` network shares its template's)."""
     d = net.__dict__
     ids = d.pop("lcs_channels_last", None)
     if ids is not None:
         net._forward_pre_hooks.pop(ids[0], None)
         net._forward_hooks.pop(ids[1], None)
-    if on:
+    if layout:
         d["_forward_pre_hooks"] = type(net._forward_pre_hooks)(net._forward_pre_hooks)
         d["_forward_hooks"] = type(net._forward_hooks)(net._forward_hooks)
-        pre = net.register_forward_pre_hook(_to_channels_last)
+        pre = net.register_forward_pre_hook(_Layout(net, chooser or default_chooser(), layout is True))
         post = net.register_forward_hook(_contiguous_output)
         d["lcs_channels_last"] = (pre.id, post.id)
+
+
+def layout_report(net: nn.Module) -> dict[tuple[int, ...], str] | None:
+    """{input shape: "channels_last" or "nchw"} as decided so far for a network ``accelerate`` lets
+    choose its layout; None for one whose layout is fixed."""
+    ids = net.__dict__.get("lcs_channels_last")
+    hook = net._forward_pre_hooks.get(ids[0]) if ids is not None else None
+    if not isinstance(hook, _Layout):
+        return None
+    if hook.always:
+        return None
+    return {shape: "channels_last" if cl else "nchw" for shape, cl in hook.chosen.items()}
 
 
 def _unfuse(m: nn.Module) -> None:
