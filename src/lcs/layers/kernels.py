@@ -18,6 +18,11 @@ shape, once per (machine, layer shape, input size, batch, density bucket), and c
 A quantized conv that hands its output to the next quantized conv (``KernelPlan.chains``) has a
 fourth candidate, ``int8`` (``lcs.layers.int8``): the codes go from conv to conv as 8-bit tensors.
 
+A sparse conv computes the chain around it in its own pass (``KernelPlan.forwards``,
+``lcs.graph.conv_fusions``): its folded norm, a residual add, a ReLU after, and a pre-activation
+norm → ReLU before it. A network left on dense kernels runs in whichever layout (NCHW or
+channels-last) measured faster, whole, per input shape (``_Layout``).
+
 ``accelerate(net)`` turns a plain network's compressible layers into ``SparseConv2d`` /
 ``SparseLinear``: subclasses with the same parameters and state dict (the dense weight stays, so
 artifacts, ONNX export and ``load_state_dict`` see an ordinary layer) plus its sparse copies (built
