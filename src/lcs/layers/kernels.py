@@ -152,10 +152,7 @@ class _SparseMixin:
             b = self.bias.detach() if self.bias is not None else None
             bn = self.__dict__.get("lcs_fold")
             if bn is not None:
-                s = torch.rsqrt(bn.running_var + bn.eps)
-                shift = -bn.running_mean * s
-                if bn.affine:
-                    s, shift = s * bn.weight.detach(), shift * bn.weight.detach() + bn.bias.detach()
+                s, shift = _norm_affine(bn)
                 w = w * s.view(-1, *([1] * (w.dim() - 1)))
                 b = shift if b is None else shift + s * b
             eff = self.__dict__["lcs_effective"] = (w, b)
@@ -206,10 +203,7 @@ class _SparseMixin:
         kernel computes ReLU(s·x + t) as it reads x, so the norm's and the ReLU's passes are gone."""
         packed = self.__dict__.get("lcs_prologue")
         if packed is None or packed[0] is not pre:
-            s = torch.rsqrt(pre.running_var + pre.eps)
-            t = -pre.running_mean * s
-            if pre.affine:
-                s, t = s * pre.weight.detach(), t * pre.weight.detach() + pre.bias.detach()
+            s, t = _norm_affine(pre)
             chan = torch.from_numpy(self.direct().chan)
             packed = (pre, s.float()[chan].contiguous().numpy(), t.float()[chan].contiguous().numpy())
             self.__dict__["lcs_prologue"] = packed
@@ -241,7 +235,7 @@ class _SparseMixin:
         if pre is not None and not (in_kernel and _eval_affine(pre)):
             x = torch.relu(pre(x))
             pre = None
-        if kernel == "direct" and not x.is_quantized and d.get("lcs_quant_in") is None:
+        if in_kernel:
             return direct_kernel.direct_conv2d(x, self.direct(), self, self.effective()[1], residual,
                                                prologue=self.prologue(pre) if pre is not None else None,
                                                relu=relu)
@@ -259,8 +253,7 @@ class _SparseMixin:
             else:  # the same grid values in two passes over x instead of five
                 x = int8_kernel.quantize_input(x, d["lcs_grid_in"]).dequantize()
         if kernel == "direct":
-            y = direct_kernel.direct_conv2d(x, self.direct(), self, self.effective()[1], residual)
-            return torch.relu(y) if relu else y
+            return direct_kernel.direct_conv2d(x, self.direct(), self, self.effective()[1], residual, relu=relu)
         if kernel == "dense":
             fold = self.__dict__.get("lcs_fold")
             if fold is not None and not (fold.training or torch.is_grad_enabled()):
@@ -288,6 +281,15 @@ def _finish(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch
     if not relu:
         return y
     return torch.relu(y) if (y.requires_grad or y.is_quantized) else y.relu_()
+
+
+def _norm_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) with bn(x) = s·x + t per channel in eval mode: s = γ/√(σ² + ε), t = β − μ·s."""
+    s = torch.rsqrt(bn.running_var + bn.eps)
+    t = -bn.running_mean * s
+    if bn.affine:
+        s, t = s * bn.weight.detach(), t * bn.weight.detach() + bn.bias.detach()
+    return s, t
 
 
 def _eval_affine(norm: nn.Module) -> bool:
