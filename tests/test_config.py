@@ -45,6 +45,7 @@ def test_bad_overrides(pair, match):
     (["data.pipeline=disk"], "data.pipeline"),
     (["data.pipeline=stream"], "image folders only"),
     (["data.workers=-1"], "data.workers"),
+    (["data.split_seed=-1"], "data.split_seed"),
 ])
 def test_validation_errors(pairs, match):
     with pytest.raises(LcsError, match=match):
@@ -79,3 +80,17 @@ def test_every_shipped_recipe_loads_and_validates(path):
     there must fail here, not in the middle of someone's hour-long run."""
     cfg = load_config(str(path), ["data.root=/data/cifar10"])  # where the user's data is: not in the recipe
     assert cfg.regime_config() is not None
+
+
+def test_split_seed_keeps_the_validation_split_when_run_seed_changes():
+    """A subspace trained with another run.seed from a dense model must validate on that model's split."""
+    import torch
+
+    from lcs.train.run import open_data, split_seed
+
+    base = open_data(load_config(None, ["run.seed=0"]))
+    kept_cfg = load_config(None, ["run.seed=1", "data.split_seed=0"])
+    kept, moved = open_data(kept_cfg), open_data(load_config(None, ["run.seed=1"]))
+    assert split_seed(kept_cfg) == 0 and kept_cfg.run.seed == 1
+    assert torch.equal(kept.val.images, base.val.images) and torch.equal(kept.val.labels, base.val.labels)
+    assert not torch.equal(moved.val.images, base.val.images)

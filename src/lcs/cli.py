@@ -187,7 +187,10 @@ def _machine_provenance() -> dict:
 
 def _provenance(cfg, data, state: dict) -> dict:
     """Where an eval's figures come from: the machine, seed, training length, data and split."""
-    return {**_machine_provenance(), "seed": cfg.run.seed, "epochs": state.get("epoch"), "step": state.get("step"),
+    from .train.run import split_seed
+
+    return {**_machine_provenance(), "seed": cfg.run.seed, "split_seed": split_seed(cfg),
+            "epochs": state.get("epoch"), "step": state.get("step"),
             "data": cfg.data.name, "train_images": len(data.train), "val_images": len(data.val)}
 
 
@@ -272,7 +275,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .train.run import arch_meta, load_run
+    from .train.run import arch_meta, load_run, split_seed
 
     cfg, sub, _ = load_run(args.run)
     meta = {"arch": arch_meta(cfg), "regime": cfg.method.regime, "method": cfg.method.name}
@@ -284,7 +287,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         shape = [3, cfg.data.image_size, cfg.data.image_size]
         data_info = {k: getattr(cfg.data, k) for k in ("name", "root", "val_fraction", "image_size")}
         size = save_subspace(sub, args.out, meta["arch"], {"method": cfg.method.name, "input_shape": shape,
-                                                            "data": {**data_info, "seed": cfg.run.seed}})
+                                                            "data": {**data_info, "seed": split_seed(cfg)}})
         print(f"wrote {args.out}: {size:,} bytes, the whole {cfg.method.regime} subspace "
               f"({sub.config.geometry}), α in [{sub.alpha_range[0]:g}, {sub.alpha_range[1]:g}]")
         return 0

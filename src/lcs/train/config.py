@@ -43,6 +43,9 @@ class DataConfig:
     name: str = "digits"  # digits (embedded) | cifar10 (python batches) | folder (root/<class>/*.jpg)
     root: str | None = None  # dataset folder (cifar10, folder)
     val_fraction: float = 0.1  # held out from the training data when there is no val split
+    # seeds the validation split; None = run.seed. Keep a dense model's split when a subspace trained
+    # from it (--init) changes run.seed: otherwise its validation images were the model's training images
+    split_seed: int | None = None
     image_size: int | None = None  # square size images are resized to; None = the data's default (below)
     batch_size: int = 32  # global batch size
     augment: bool = True  # random crop (pad = size/8) + flip where the data allows
@@ -138,6 +141,7 @@ class Config:
         if d.name != "digits" and not d.root:
             raise LcsError(f"data {d.name!r} needs a folder: --data-root PATH")
         _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "in (0, 1)")
+        _check(d.split_seed is None or d.split_seed >= 0, "data.split_seed", d.split_seed, ">= 0 (or none)")
         if d.root:
             d.root = os.path.abspath(os.path.expanduser(d.root))
         if self.model.init:

@@ -14,7 +14,8 @@ from ..subspace import Subspace, convert
 from .checkpoint import load_latest_intact
 from .config import Config, config_from_dict
 
-__all__ = ["build_subspace", "load_init", "open_data", "load_run", "arch_meta", "cache_dir", "resolve_device"]
+__all__ = ["build_subspace", "load_init", "open_data", "split_seed", "load_run", "arch_meta", "cache_dir",
+           "resolve_device"]
 
 
 def cache_dir() -> str:
@@ -79,13 +80,18 @@ def build_subspace(cfg: Config, *, init: bool = True) -> Subspace:
     return sub
 
 
+def split_seed(cfg: Config) -> int:
+    """The seed of the validation split: ``data.split_seed``, else ``run.seed``."""
+    return cfg.run.seed if cfg.data.split_seed is None else cfg.data.split_seed
+
+
 def open_data(cfg: Config, root: str | None = None, name: str | None = None):
     """Load the configured data set (optionally another one, for evaluation)."""
     from ..data import load_data
 
     key = name or cfg.data.name
     return load_data(key, root if (name or root is not None) else cfg.data.root,
-                     val_fraction=cfg.data.val_fraction, seed=cfg.run.seed, image_size=cfg.data.image_size,
+                     val_fraction=cfg.data.val_fraction, seed=split_seed(cfg), image_size=cfg.data.image_size,
                      cache_dir=cache_dir() if cfg.data.cache else None,
                      pipeline=cfg.data.pipeline if key == "folder" else "auto", workers=cfg.data.workers)
 
