@@ -113,6 +113,33 @@ def test_residual_blocks_start_as_identity():
     assert all(bool((b.bn2.weight.detach() == 1).all()) for b in plain.modules() if type(b).__name__ == "BasicBlock")
 
 
+def test_cpreresnet_zero_init_residual_starts_every_block_as_its_shortcut():
+    torch.manual_seed(0)
+    m = models.create("cpreresnet20", norm="bn", zero_init_residual=True).eval()
+    assert all(not b.conv3.weight.detach().any() for b in m.blocks)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = m.stem(x)
+        for b in m.blocks:  # the slow reference: each block is only its shortcut
+            h = h if b.shortcut is None else b.shortcut(h)
+        ref = m.classifier(m.pool(m.relu(m.norm(h)))).flatten(1)
+        assert torch.allclose(m(x), ref, atol=1e-6)
+    assert all(b.conv3.weight.detach().any() for b in models.create("cpreresnet20").blocks)
+
+
+def test_zero_init_residual_config_builds_it_and_refuses_other_models():
+    from lcs.train.config import load_config
+    from lcs.train.run import build_subspace
+
+    cfg = load_config(None, ["model.zero_init_residual=true", "method.name=target", "method.target=1.0"])
+    cfg.model.num_classes = 10
+    sub = build_subspace(cfg)
+    convs = [mod for name, mod in sub.model.named_modules() if name.endswith("conv3")]
+    assert convs and all(not c.weight.detach().any() for c in convs)
+    with pytest.raises(LcsError, match="model.zero_init_residual"):
+        load_config(None, ["model.zero_init_residual=true", "model.name=resnet18_cifar"])
+
+
 def test_feature_map_sizes():
     """ImageNet stem: 224 → 56 into stage 1 → 7 into the pool; CIFAR stem keeps 32 → 4."""
     seen = {}

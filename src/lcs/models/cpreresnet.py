@@ -46,9 +46,15 @@ class Bottleneck(nn.Module):
 
 class CPreResNet(nn.Module):
     """Depth 9n+2: a 3×3 stem, three stages of n bottlenecks (planes 16, 32, 64; ×4 expansion),
-    final norm → ReLU → global average pool → 1×1 conv classifier."""
+    final norm → ReLU → global average pool → 1×1 conv classifier.
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, norm: str = "gn", in_channels: int = 3):
+    ``zero_init_residual``: each block's last conv starts at zero, so every block starts as its
+    shortcut (Goyal et al. 2017; a pre-activation block has no norm after its last conv to zero).
+    Off by default: the network-slimming model this is has no such init.
+    """
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, norm: str = "gn", in_channels: int = 3,
+                 zero_init_residual: bool = False):
         super().__init__()
         if (depth - 2) % 9 != 0:
             raise ValueError(f"depth must be 9n+2, got {depth}")
@@ -75,6 +81,9 @@ class CPreResNet(nn.Module):
         # The classifier is the network's fully connected layer: a small init keeps the first
         # logits near zero (Kaiming fan-out with 10 outputs gives initial losses ~7 and stalls GN nets).
         nn.init.normal_(self.classifier.weight, std=0.01)
+        if zero_init_residual:
+            for block in self.blocks:
+                nn.init.zeros_(block.conv3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(x))
@@ -83,5 +92,7 @@ class CPreResNet(nn.Module):
 
 
 @register_model
-def cpreresnet20(num_classes: int = 10, norm: str = "gn", in_channels: int = 3) -> CPreResNet:
-    return CPreResNet(20, num_classes=num_classes, norm=norm, in_channels=in_channels)
+def cpreresnet20(num_classes: int = 10, norm: str = "gn", in_channels: int = 3,
+                 zero_init_residual: bool = False) -> CPreResNet:
+    return CPreResNet(20, num_classes=num_classes, norm=norm, in_channels=in_channels,
+                      zero_init_residual=zero_init_residual)

@@ -64,6 +64,9 @@ class ModelConfig:
     # a trained plain model (safetensors state dict, or an `lcs export` network) that seeds the point,
     # or both endpoints of the line (line_init becomes copy), before the subspace trains
     init: str | None = None
+    # cpreresnet20: each residual block's last conv starts at zero (the block starts as its shortcut);
+    # the ResNets always zero their blocks' last norm scale. Training-time init only: not stored
+    zero_init_residual: bool = False
 
 
 @dataclass
@@ -144,6 +147,8 @@ class Config:
         _check(d.split_seed is None or d.split_seed >= 0, "data.split_seed", d.split_seed, ">= 0 (or none)")
         if d.root:
             d.root = os.path.abspath(os.path.expanduser(d.root))
+        _check(not self.model.zero_init_residual or self.model.name == "cpreresnet20", "model.zero_init_residual",
+               self.model.zero_init_residual, "cpreresnet20 only (the ResNets zero their last norm scale already)")
         if self.model.init:
             self.model.init = os.path.abspath(os.path.expanduser(self.model.init))
             m.line_init = "copy"  # both endpoints start from the trained model

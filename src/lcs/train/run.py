@@ -72,7 +72,8 @@ def build_subspace(cfg: Config, *, init: bool = True) -> Subspace:
     if cfg.model.num_classes is None:
         raise LcsError("model.num_classes is not resolved (it comes from the data)")
     arch = arch_meta(cfg)
-    model = models.create(arch["name"], **arch["kwargs"])
+    zero_init = {"zero_init_residual": True} if cfg.model.zero_init_residual else {}
+    model = models.create(arch["name"], **arch["kwargs"], **zero_init)
     if init and cfg.model.init:
         load_init(model, cfg.model.init)
     sub = convert(model, cfg.regime_config())
