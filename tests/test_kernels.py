@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -34,6 +35,9 @@ class Always(KernelChooser):
 
     def decide(self, layer, x, **_):
         return self.kernel if self.kernel in self.candidates(layer) else "csr"
+
+    def layout(self, *_):
+        return False  # the plan of per-layer choices (NCHW), never all-dense channels-last
 
 
 needs_numba = pytest.mark.skipif(not direct.available(), reason="numba is not installed")
@@ -337,7 +341,7 @@ def _bn_net() -> nn.Module:
                 m.bias.data.uniform_(-1, 1)
         if isinstance(m, nn.Conv2d):
             m.weight.data *= torch.rand_like(m.weight) < 0.1
-    net[6].weight.data = torch.randn_like(net[6].weight)  # dense: stays nn.Conv2d, its BN unfolded
+    net[6].weight.data = torch.randn_like(net[6].weight)  # dense: folds its BN, runs on the dense kernel only
     return net.eval()
 
 
@@ -354,7 +358,9 @@ def test_batchnorm_folded_into_sparse_convs_computes_the_same_and_keeps_the_stat
         accelerate(net, chooser=Always(kernel))
         out = net(x)
     assert torch.allclose(out, ref, atol=1e-5)
-    assert [type(net[i]) for i in (1, 4, 7)] == [FoldedBatchNorm2d, FoldedBatchNorm2d, nn.BatchNorm2d]
+    assert [type(net[i]) for i in (1, 4, 7)] == [FoldedBatchNorm2d] * 3
+    assert set(kernel_report(net)) == {"0", "3"}  # the dense conv has no choice to report
+    assert net[6].__dict__["lcs_decisions"] == {}  # and was never measured
     assert net.state_dict().keys() == state.keys()
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
     twin = copy.deepcopy(net)  # a copy folds into its own norms, not the original's
@@ -381,11 +387,10 @@ def test_a_folded_conv_on_the_dense_kernel_runs_one_conv_with_the_folded_weights
         monkeypatch.setattr(nn.BatchNorm2d, "forward", lambda self, y: calls.append(self) or real(self, y))
         out = net(x)
     assert torch.allclose(out, ref, atol=1e-5)
-    assert calls == [net[7]]  # only the norm that reads a dense nn.Conv2d (not folded) ran
-    calls.clear()
+    assert calls == []  # every norm folded, also the one after the dense conv (net[6])
     net.train()
     net(x)
-    assert net[1] in calls and net[4] in calls  # batch statistics: every norm runs
+    assert calls == [net[1], net[4], net[7]]  # batch statistics: every norm runs
 
 
 def test_a_model_that_cannot_be_traced_is_accelerated_without_folding():
@@ -410,17 +415,24 @@ def test_a_model_that_cannot_be_traced_is_accelerated_without_folding():
         assert torch.allclose(net(x), ref, atol=1e-5) and type(net.bn) is nn.BatchNorm2d
 
 
-def test_accelerate_traces_for_folds_only_where_a_conv_goes_sparse(monkeypatch):
+def test_accelerate_traces_once_where_a_conv_may_fold_and_not_with_a_plan(monkeypatch):
     import lcs.layers.kernels as K
 
     traced = []
-    monkeypatch.setattr(K, "kernel_plan", lambda net: traced.append(net) or K.KernelPlan({}))
+    real = K.kernel_plan
+    monkeypatch.setattr(K, "kernel_plan", lambda net: traced.append(net) or real(net))
     dense = _bn_net()
     for m in dense.modules():
         if isinstance(m, nn.Conv2d):
-            m.weight.data = torch.randn_like(m.weight)  # every conv dense: nothing to fold into
-    assert accelerate(dense, chooser=Always("csr")) == 0 and traced == []
-    assert accelerate(_bn_net(), chooser=Always("csr")) == 2 and len(traced) == 1
+            m.weight.data = torch.randn_like(m.weight)  # every conv dense: they fold their norms all the same
+    assert accelerate(dense, chooser=Always("csr")) == 0 and len(traced) == 1
+    assert all(type(dense[i]) is K.FoldedBatchNorm2d for i in (1, 4, 7)) and kernel_report(dense) == {}
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        assert torch.allclose(dense(x), dense_kernels(copy.deepcopy(dense))(x), rtol=1e-5, atol=1e-4)
+    plan = real(_bn_net())
+    assert accelerate(_bn_net(), chooser=Always("csr"), plan=plan) == 2 and len(traced) == 1  # given: not traced
+    assert accelerate(nn.Sequential(nn.Linear(4, 4)), chooser=Always("csr")) == 0 and len(traced) == 1  # no conv
 
 
 @needs_numba
@@ -483,12 +495,13 @@ def test_residual_adds_are_fused_into_sparse_convs_and_compute_the_same(kernel, 
         accelerate(net, chooser=Always(kernel))
         net(x)  # first use builds the folded weights (with adds of their own)
         calls = []
-        real = torch.Tensor.__add__
+        real, real_ = torch.Tensor.__add__, torch.Tensor.add_
         torch.Tensor.__add__ = lambda a, b: calls.append(1) or real(a, b)
+        torch.Tensor.add_ = lambda a, b: calls.append(1) or real_(a, b)
         try:
             out = net(x)
         finally:
-            torch.Tensor.__add__ = real
+            torch.Tensor.__add__, torch.Tensor.add_ = real, real_
     assert torch.allclose(out, ref, atol=1e-5)
     assert (calls == []) == (kernel == "direct")  # the direct kernel adds in its pass; the others add after
     assert "forward" in net[1].__dict__ and "forward" in net[2].__dict__ and "forward" not in net.__dict__
@@ -504,8 +517,9 @@ def test_residual_adds_are_fused_into_sparse_convs_and_compute_the_same(kernel, 
 
 def test_a_block_keeps_its_own_forward_where_its_fused_conv_stays_dense():
     net = _residual_net()
-    for conv in (net[2].conv1, net[2].conv2):  # the block's fused convs dense: not accelerated
+    for conv in (net[2].conv1, net[2].conv2):  # the block's fused convs dense, with no norm to fold: unchanged
         conv.weight.data = torch.randn_like(conv.weight)
+    net[2].bn1 = nn.GroupNorm(2, 8)
     accelerate(net, chooser=Always("csr"))
     assert "forward" in net[1].__dict__ and "forward" not in net[2].__dict__
 
@@ -663,7 +677,7 @@ def test_a_dense_network_runs_in_the_layout_that_measured_faster_and_remembers_i
     assert K.layout_report(net) is None and not net._forward_pre_hooks
 
 
-def test_the_layout_is_not_measured_in_training_nor_where_layers_run_sparse(monkeypatch):
+def test_the_layout_is_not_measured_in_training_nor_where_it_is_fixed(monkeypatch):
     from lcs.layers import kernels as K
 
     monkeypatch.setattr(K._Layout, "_measure", lambda *a: pytest.fail("measured"))
@@ -672,9 +686,73 @@ def test_the_layout_is_not_measured_in_training_nor_where_layers_run_sparse(monk
     net.train()
     net(torch.randn(2, 3, 16, 16))  # training, with autograd: the input as given
     assert K.layout_report(net) == {}
-    sparse = _residual_net()
-    accelerate(sparse, chooser=Always("csr"))
-    assert K.layout_report(sparse) is None  # sparse kernels read NCHW: no choice to make
     fixed = lcs.models.create("cpreresnet20", num_classes=10, norm="bn").eval()
     accelerate(fixed, chooser=KernelChooser(path=""), channels_last=False)
     assert K.layout_report(fixed) is None and not fixed._forward_pre_hooks
+
+
+class _PlanChooser(Always):
+    """Per-layer csr / direct, and the whole-plan choice taken from ``winner`` after a real measurement."""
+
+    def __init__(self, kernel: str, winner: str):
+        super().__init__(kernel)
+        self.winner, self.timings = winner, []
+
+    def layout(self, signature, x, measure):
+        self.timings.append(measure())
+        return self.winner == "channels_last"
+
+
+@pytest.mark.parametrize("winner", ["channels_last", "nchw"])
+@pytest.mark.parametrize("kernel", [pytest.param("direct", marks=needs_numba), "csr"])
+def test_a_network_with_sparse_layers_runs_the_plan_that_measured_faster(winner, kernel):
+    """Either every layer on its own kernel in NCHW, or all dense channels-last: same outputs."""
+    from lcs.layers import kernels as K
+
+    net = _residual_net()
+    x = torch.randn(3, 3, 9, 9)
+    sparse_inputs = []
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(lambda m, a: sparse_inputs.append(a[0].is_contiguous()))
+    with torch.no_grad():
+        ref = net(x)
+        chooser = _PlanChooser(kernel, winner)
+        n = accelerate(net, chooser=chooser)
+        assert n == 6 and K.layout_report(net) == {}
+        out = net(x)
+        sparse_inputs.clear()
+        again = net(x)
+    (timings,) = chooser.timings  # measured once for this shape, both plans timed
+    assert set(timings) == {"nchw", "channels_last"} and all(0 < t < math.inf for t in timings.values())
+    assert K.layout_report(net) == {tuple(x.shape): winner}
+    assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(again, ref, atol=1e-5) and out.is_contiguous()
+    report = kernel_report(net)
+    want = "dense" if winner == "channels_last" else kernel
+    assert report and all(d == {3: want} for d in report.values()), report
+    # all-dense plan: the convs read channels-last activations; own plan: NCHW planes
+    assert sparse_inputs and all(c == (winner == "nchw") for c in sparse_inputs[1:])
+    twin = copy.deepcopy(net)  # the copy's hook sets the copy's layers, not the original's
+    hook = next(h for h in twin._forward_pre_hooks.values() if isinstance(h, K._Layout))
+    assert {id(m) for m in hook.sparse} == {id(m) for m in twin.modules() if isinstance(m, K._SparseMixin)}
+    with torch.no_grad():
+        assert torch.allclose(twin(x), ref, atol=1e-5)
+
+
+def test_finishing_steps_write_in_place_only_into_fresh_outputs():
+    """The add and ReLUs after a kernel reuse its fresh output; never an input, never under autograd."""
+    from lcs.layers.kernels import _finish, _relu_fresh
+
+    y, res = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    want = torch.relu(y + res)
+    out = _finish(y, res, relu=True)
+    assert out.data_ptr() == y.data_ptr() and torch.equal(out, want)  # written into the kernel's output
+    x = torch.randn(2, 4, 3, 3)
+    kept = x.clone()
+    assert torch.equal(_relu_fresh(x, x), torch.relu(kept)) and torch.equal(x, kept)  # a pass-through norm
+    g = torch.randn(2, 4, 3, 3, requires_grad=True)
+    out = _finish(g * 1, res, relu=True)
+    out.sum().backward()
+    assert torch.equal(g.grad, ((g + res) > 0).float())  # autograd: out of place, the gradient intact
+    bcast = torch.randn(1, 4, 1, 1)
+    assert torch.allclose(_finish(torch.ones(2, 4, 3, 3), bcast, relu=False), 1 + bcast.expand(2, 4, 3, 3))

@@ -210,10 +210,11 @@ class _SparseMixin:
         return packed[1], packed[2]
 
     def _kernel(self, x: torch.Tensor, pre: nn.Module | None = None, relu: bool = False) -> str:
-        """The kernel for this input: "dense" for autograd, norms in training and inputs neither
-        float32 nor 8-bit codes, else the measured choice."""
-        fold = self.__dict__.get("lcs_fold")
-        if (x.dtype != torch.float32 and not x.is_quantized) or torch.is_grad_enabled() \
+        """The kernel for this input: "dense" for a dense layer that only folds its norm, for
+        autograd, norms in training and inputs neither float32 nor 8-bit codes, else the measured choice."""
+        d = self.__dict__
+        fold = d.get("lcs_fold")
+        if d.get("lcs_dense_only") or (x.dtype != torch.float32 and not x.is_quantized) or torch.is_grad_enabled() \
                 or (fold is not None and fold.training) or (pre is not None and pre.training):
             return "dense"
         batch = int(x.shape[0]) if x.dim() > 1 else 1
@@ -233,7 +234,7 @@ class _SparseMixin:
         d = self.__dict__
         in_kernel = kernel == "direct" and d.get("lcs_quant_in") is None and not x.is_quantized
         if pre is not None and not (in_kernel and _eval_affine(pre)):
-            x = torch.relu(pre(x))
+            x = _relu_fresh(pre(x), x)
             pre = None
         if in_kernel:
             return direct_kernel.direct_conv2d(x, self.direct(), self, self.effective()[1], residual,
@@ -275,12 +276,21 @@ class _SparseMixin:
 
 
 def _finish(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
-    """``relu?(y + residual?)``; in place where autograd allows (y is the kernel's fresh output)."""
+    """``relu?(y + residual?)``; in place where autograd allows (y is the kernel's fresh output:
+    writing into it skips a fresh 16 MB buffer per op at batch 64, which cost 1.7 ms against 0.3)."""
+    in_place = not (y.requires_grad or y.is_quantized)
     if residual is not None:
-        y = y + residual
+        same = not residual.is_quantized and residual.shape == y.shape and residual.dtype == y.dtype
+        y = y.add_(residual) if in_place and same else y + residual
     if not relu:
         return y
-    return torch.relu(y) if (y.requires_grad or y.is_quantized) else y.relu_()
+    return y.relu_() if in_place else torch.relu(y)
+
+
+def _relu_fresh(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """ReLU of a norm's output ``y`` of input ``x``: in place where ``y`` is a fresh tensor and
+    autograd allows (a norm that passes its input through must not overwrite it)."""
+    return torch.relu(y) if (y is x or y.requires_grad) else y.relu_()
 
 
 def _norm_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,13 +499,11 @@ def conv_fused(conv: nn.Module, pre: nn.Module | None, norm: nn.Module | None, x
     if isinstance(conv, SparseConv2d) and (norm is None or conv.__dict__.get("lcs_fold") is norm):
         return conv(x, residual, pre=pre, relu=relu)
     if pre is not None:
-        x = torch.relu(pre(x))
+        x = _relu_fresh(pre(x), x)
     y = conv(x)
     if norm is not None:
         y = norm(y)
-    if residual is not None:
-        y = y + residual
-    return torch.relu(y) if relu else y
+    return _finish(y, residual, relu)  # y: the conv's or norm's fresh output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -612,13 +620,14 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
 
     ``channels_last``: whether the network runs channels-last (its input converted on entry, its
     output handed back contiguous); None decides: always where integer kernels run (they read and
-    write channels-last codes); where no layer may run sparse and the network has a conv, per input
-    shape, whichever layout the whole network measured faster on its first no-grad eval call (cached
-    with the kernel choices; ``layout_report``): oneDNN's channels-last convs skip the reorders its
-    NCHW convs pay at every layer (cPreResNet20 at batch 64 here: 1.5× faster), but lost at batch 1
-    on ResNet18 and on 16×16 inputs. The sparse kernels read NCHW planes: a network with sparse
-    layers stays NCHW (converting around each of them cost more than it saved). Returns how many
-    layers may run sparse."""
+    write channels-last codes); elsewhere, for a network with a conv, per input shape, whichever
+    plan the whole network measured faster on its first no-grad eval call (cached with the kernel
+    choices; ``layout_report``): oneDNN's channels-last convs skip the reorders its NCHW convs pay at
+    every layer (dense cPreResNet20 at batch 64 here: 1.5× faster), but lost at batch 1 on ResNet18
+    and on 16×16 inputs. The sparse kernels read NCHW planes (converting around each of them cost
+    more than it saved), so with sparse layers the plans are: each layer on its own choice, NCHW, or
+    every layer dense, channels-last, where a few sparse layers do not pay for the NCHW reorders
+    (``_Layout``). Returns how many layers may run sparse (the plan may still run them dense)."""
     chooser = chooser or default_chooser()
     names = set(layers) if layers is not None else None
     fast_pool, integer = direct_kernel.available(), int8_kernel.available()
@@ -638,19 +647,24 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
         if grid is not None and isinstance(m, nn.Conv2d):
             grids[fqn] = grid
     sparse = {fqn for fqn, (_, density) in candidates.items() if density <= max_density}
-    if plan is None and (grids or any(isinstance(candidates[f][0], nn.Conv2d) for f in sparse)):
-        plan = kernel_plan(net)  # traced only where a conv may go sparse or integer (a dense network never does)
+    convs = {fqn for fqn, (m, _) in candidates.items() if isinstance(m, nn.Conv2d)}
+    if plan is None and (grids or convs):
+        plan = kernel_plan(net)  # traced where a conv may fold its norm, go sparse or integer
     plan = plan or KernelPlan({})
     chains = {a: b for a, b in plan.chains.items() if a in grids and b in grids}
+    # a dense conv folds its norm too: the dense kernel then runs on the folded weight (the norm's pass is gone)
+    dense_folds = {f for f in convs - sparse - set(grids) if _foldable(net, plan.folds.get(f)) is not None}
     for m in pools:
         m.__class__ = pool_kernel.FastMaxPool2d
-    for fqn in sorted(sparse | set(grids)):
+    for fqn in sorted(sparse | set(grids) | dense_folds):
         m, density = candidates[fqn]
         m.__class__ = SparseConv2d if isinstance(m, nn.Conv2d) else SparseLinear
         d = m.__dict__  # plain attributes, written directly (nn.Module.__setattr__ is slow, and a switch pays it)
-        for k in (*_BUILT, *_CHAIN, "lcs_fold"):  # of an earlier weight, if any: rebuilt on first use
+        for k in (*_BUILT, *_CHAIN, "lcs_fold", "lcs_dense_only"):  # of an earlier weight, if any: rebuilt on first use
             d.pop(k, None)
         d["lcs_density"], d["lcs_decisions"], d["lcs_chooser"] = density, {}, chooser
+        if fqn in dense_folds:
+            d["lcs_dense_only"] = True
         if fqn in grids:  # the layer quantizes its own input (8-bit codes may arrive from the conv before)
             quant = m._modules["lcs_quant"]
             quant.__dict__["lcs_deferred"] = True
@@ -660,25 +674,27 @@ def accelerate(net: nn.Module, layers: list[str] | None = None, *, chooser: Kern
         if bn is not None:
             d["lcs_fold"] = bn
             bn.__class__ = FoldedBatchNorm2d
-    if channels_last is None:  # dense kernels everywhere: whichever layout measures faster, per input shape
-        dense_convs = not sparse and any(isinstance(m, nn.Conv2d) and m.weight.device.type == "cpu"
-                                         for m in net.modules())
-        layout: bool | str = True if chains else ("measure" if dense_convs else False)
+    if channels_last is None:  # whichever plan measures faster, per input shape (_Layout)
+        cpu_convs = any(isinstance(m, nn.Conv2d) and m.weight.device.type == "cpu" for m in net.modules())
+        layout: bool | str = True if chains else ("measure" if cpu_convs else False)
     else:
         layout = channels_last
     _channels_last_input(net, layout, chooser)
-    for owner, (forward, convs) in plan.forwards.items():
+    changed = sparse | dense_folds
+    for owner, (forward, fused) in plan.forwards.items():
         block = net.get_submodule(owner)
-        _unfuse(block)  # an earlier plan's; a fused forward only where one of its convs is sparse
-        if convs & sparse:
+        _unfuse(block)  # an earlier plan's; a fused forward only where one of its convs is sparse or folded
+        if fused & changed:
             block.__dict__["forward"] = types.MethodType(forward, block)
             block.__dict__["lcs_fused"] = True
     return len(sparse)
 
 
 def _signature(net: nn.Module) -> str:
-    """A network's architecture as the layout decision sees it: module names, types, parameter shapes."""
+    """A network's architecture as the layout decision sees it: module names, types, parameter
+    shapes, and each sparse layer's density bucket (a mixed network's times depend on it)."""
     parts = [f"{n}:{type(m).__name__}:{[tuple(p.shape) for p in m.parameters(recurse=False)]}"
+             + (f":d{round(m.lcs_density * _BUCKET)}" if isinstance(m, _SparseMixin) else "")
              for n, m in net.named_modules()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -686,17 +702,25 @@ def _signature(net: nn.Module) -> str:
 class _Layout:
     """The root pre-hook that feeds a network channels-last inputs: always (``always``: integer
     kernels run in it), or per input shape where the whole network measured faster that way
-    (``KernelChooser.layout``, measured on the first no-grad eval call with that shape)."""
+    (``KernelChooser.layout``, measured on the first no-grad eval call with that shape).
+
+    The sparse kernels read NCHW planes, so for a network with sparse layers the two candidates
+    are whole plans: its per-layer kernel choices in NCHW, or every layer on the dense kernel
+    (folded norms included) channels-last. Where the second wins, the hook sets the sparse layers'
+    decision for that batch size to dense."""
 
     def __init__(self, net: nn.Module, chooser: KernelChooser, always: bool):
         self.always, self.chooser = always, chooser
         self.signature = "" if always else _signature(net)
+        self.sparse = [] if always else [m for m in net.modules()
+                                         if isinstance(m, _SparseMixin) and not m.__dict__.get("lcs_dense_only")]
         self.chosen: dict[tuple[int, ...], bool] = {}
         self.busy = False  # inside its own measurement: inputs pass as given
 
     def __deepcopy__(self, memo: dict) -> _Layout:  # the chooser is a shared cache (it holds a lock)
         new = copy.copy(self)
         new.chosen, new.busy = dict(self.chosen), False
+        new.sparse = [copy.deepcopy(m, memo) for m in self.sparse]  # the copy's own layers (memo: already copied)
         return new
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
@@ -710,24 +734,41 @@ class _Layout:
                 if torch.is_grad_enabled() or module.training:
                     return args
                 cl = self.chosen[shape] = self.chooser.layout(self.signature, x, lambda: self._measure(module, x))
+                if cl:
+                    self._plan(int(x.shape[0]), None)
             if not cl:
                 return args
         return (x.contiguous(memory_format=torch.channels_last), *args[1:])
 
+    def _plan(self, batch: int, own: list[str | None] | None) -> None:
+        """The sparse layers' decisions for ``batch``: their own (``own``), or dense (None)."""
+        for i, m in enumerate(self.sparse):
+            kernel = "dense" if own is None else own[i]
+            if kernel is None:
+                m.lcs_decisions.pop(batch, None)
+            else:
+                m.lcs_decisions[batch] = kernel
+
     def _measure(self, module: nn.Module, x: torch.Tensor) -> dict[str, float]:
-        """The network's best time on ``x`` in each layout (ms), the layouts taking turns."""
+        """The network's best time on ``x`` in each layout (ms), the layouts taking turns; with
+        sparse layers, channels-last runs every layer dense and NCHW runs each on its own choice."""
         runs = {"nchw": x.contiguous(), "channels_last": x.contiguous(memory_format=torch.channels_last)}
         best = dict.fromkeys(runs, math.inf)
+        batch = int(x.shape[0])
         self.busy = True
         try:
             with torch.no_grad():
-                for inp in runs.values():
-                    module(inp)  # warm-up: first use builds folded weights, oneDNN's primitives
+                module(runs["nchw"])  # warm-up: the layers choose their kernels, build folded / sparse weights
+                own = [m.lcs_decisions.get(batch) for m in self.sparse]
+                self._plan(batch, None)
+                module(runs["channels_last"])  # warm-up: oneDNN's channels-last primitives
                 for _ in range(self.chooser.repeats):
                     for k, inp in runs.items():
+                        self._plan(batch, None if k == "channels_last" else own)
                         t0 = time.perf_counter()
                         module(inp)
                         best[k] = min(best[k], time.perf_counter() - t0)
+                self._plan(batch, own)
         finally:
             self.busy = False
         return {k: t * 1e3 for k, t in best.items()}
@@ -798,7 +839,8 @@ def dense_kernels(net: nn.Module) -> nn.Module:
             quant = m.__dict__.get("lcs_quant_in")
             if quant is not None:
                 quant.__dict__.pop("lcs_deferred", None)  # its hook quantizes the input again
-            for attr in (*_BUILT, *_CHAIN, "lcs_fold", "lcs_density", "lcs_decisions", "lcs_chooser"):
+            for attr in (*_BUILT, *_CHAIN, "lcs_fold", "lcs_dense_only", "lcs_density", "lcs_decisions",
+                         "lcs_chooser"):
                 m.__dict__.pop(attr, None)
     return net
 
@@ -826,4 +868,5 @@ def int8_layer_count(net: nn.Module, batch: int) -> int | None:
 def kernel_report(net: nn.Module) -> dict[str, dict[int, str]]:
     """{layer: {batch: kernel}} ("dense", "csr", "direct" or "int8") for every accelerated layer that
     has served a batch."""
-    return {fqn: dict(m.lcs_decisions) for fqn, m in net.named_modules() if isinstance(m, _SparseMixin)}
+    return {fqn: dict(m.lcs_decisions) for fqn, m in net.named_modules()
+            if isinstance(m, _SparseMixin) and not m.__dict__.get("lcs_dense_only")}
