@@ -108,7 +108,7 @@ def test_subspace_export_profile_and_adapt(run_dir, tmp_path, capsys):
     assert main(["profile", str(sub_path), "--grid", "0.1,1.0", "--batch", "1,4", "--data", "digits",
                  "--per-thread", "--json", str(prof)]) == 0
     out = capsys.readouterr().out
-    assert "switch ms" in out and "b1 sparse" in out and "CSR kernels" in out
+    assert "switch ms" in out and "b1 sparse" in out and "b1 layout" in out and "CSR kernels" in out
     records = json.loads(prof.read_text())["records"]
     assert [r["alpha"] for r in records] == [0.1, 1.0]
     for r in records:
@@ -116,6 +116,7 @@ def test_subspace_export_profile_and_adapt(run_dir, tmp_path, capsys):
                     "bytes", "macs", "params", "accuracy", "sparse_layers_b1", "dense_bytes", "latency_ms_b1_t1",
                     "latency_ms_b4_t1"):
             assert key in r and r[key] >= 0, key
+        assert r["layout_b1"] in ("nchw", "channels_last") and r["layout_b4"] in ("nchw", "channels_last")
         assert r[f"latency_ms_b1_t{torch.get_num_threads()}"] == r["latency_ms_b1"]  # the run's own count
         assert r["p90_ms_b1"] >= r["latency_ms_b1"]
     assert records[0]["bytes"] < records[1]["bytes"]

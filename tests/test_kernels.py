@@ -726,6 +726,7 @@ def test_a_network_with_sparse_layers_runs_the_plan_that_measured_faster(winner,
     (timings,) = chooser.timings  # measured once for this shape, both plans timed
     assert set(timings) == {"nchw", "channels_last"} and all(0 < t < math.inf for t in timings.values())
     assert K.layout_report(net) == {tuple(x.shape): winner}
+    assert K.layout_at(net, 3) == winner and K.layout_at(net, 5) == "nchw"  # batch 5: not decided yet
     assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(again, ref, atol=1e-5) and out.is_contiguous()
     report = kernel_report(net)
     want = "dense" if winner == "channels_last" else kernel

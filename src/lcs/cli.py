@@ -371,7 +371,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     cols = list(_PROFILE_COLUMNS)
     for b in batches:
         cols += [(f"latency_ms_b{b}", f"b{b} ms", "{:.2f}"), (f"p90_ms_b{b}", f"b{b} p90", "{:.2f}"),
-                 (f"sparse_layers_b{b}", f"b{b} sparse", "{:d}"), (f"int8_layers_b{b}", f"b{b} int8", "{:d}")]
+                 (f"sparse_layers_b{b}", f"b{b} sparse", "{:d}"), (f"int8_layers_b{b}", f"b{b} int8", "{:d}"),
+                 (f"layout_b{b}", f"b{b} layout", "{}")]
     cols += [("nonzero_params", "nonzero", "{:,}"), ("macs", "MACs", "{:,}"), ("bytes", "bytes", "{:,}"),
              ("accuracy", "accuracy", "{:.4f}")]
     print(format_table(records, cols))

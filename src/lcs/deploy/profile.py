@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..layers.kernels import int8_layer_count, sparse_layer_count
+from ..layers.kernels import int8_layer_count, layout_at, sparse_layer_count
 from ..stats import count_macs, count_params
 from .artifact import artifact_bytes, network_meta
 from .runtime import Runtime
@@ -105,6 +105,7 @@ def profile_runtime(rt: Runtime, grid: Sequence[Any], batches: Sequence[int], in
             rec[f"latency_ms_b{b}"] = statistics.median(times)
             rec[f"p90_ms_b{b}"] = p90(times)
             rec[f"sparse_layers_b{b}"] = sparse_layer_count(rt.network, b)
+            rec[f"layout_b{b}"] = layout_at(rt.network, b)
             n8 = int8_layer_count(rt.network, b)
             if n8 is not None:
                 rec[f"int8_layers_b{b}"] = n8

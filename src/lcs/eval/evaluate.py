@@ -16,7 +16,7 @@ from ..deploy.artifact import artifact_bytes, dense_float32_bytes, network_meta
 from ..deploy.bake import materialize
 from ..deploy.profile import measure_latency, p90
 from ..errors import LcsError
-from ..layers.kernels import accelerate, int8_layer_count, sparse_layer_count
+from ..layers.kernels import accelerate, int8_layer_count, layout_at, sparse_layer_count
 from ..regimes import Point, RegimeConfig, check_alpha, record_of
 from ..stats import count_macs, count_params, sparsity
 from ..subspace import Subspace
@@ -121,6 +121,8 @@ def measure_network(plain: torch.nn.Module, data: Data, device: torch.device, me
         record[f"latency_ms_b{b}"] = statistics.median(times)
         record[f"p90_ms_b{b}"] = p90(times)
         record[f"sparse_layers_b{b}"] = sparse_layer_count(fast, b)
+        if fast is not plain:
+            record[f"layout_b{b}"] = layout_at(fast, b)
         n8 = int8_layer_count(fast, b)
         if n8 is not None:
             record[f"int8_layers_b{b}"] = n8

@@ -16,9 +16,9 @@ _COLUMNS = [("alpha", "α", "{:.3f}"), ("density", "density", "{:.3f}"), ("width
             ("bytes_pct", "% dense", "{:.1f}"),
             ("int8_accuracy", "int8 acc", "{:.4f}"),
             ("latency_ms_b1", "b1 ms", "{:.2f}"), ("sparse_layers_b1", "b1 sparse", "{:d}"),
-            ("int8_layers_b1", "b1 int8", "{:d}"),
+            ("int8_layers_b1", "b1 int8", "{:d}"), ("layout_b1", "b1 layout", "{}"),
             ("latency_ms_b64", "b64 ms", "{:.1f}"), ("sparse_layers_b64", "b64 sparse", "{:d}"),
-            ("int8_layers_b64", "b64 int8", "{:d}"),
+            ("int8_layers_b64", "b64 int8", "{:d}"), ("layout_b64", "b64 layout", "{}"),
             ("bn_mean_gap", "BN μ gap", "{:.3f}"), ("bn_var_gap", "BN σ² gap", "{:.3f}")]
 
 

@@ -57,7 +57,7 @@ from . import pool as pool_kernel
 
 __all__ = ["SparseConv2d", "SparseLinear", "FoldedBatchNorm2d", "accelerate", "KernelPlan", "kernel_plan",
            "conv_fused", "dense_kernels",
-           "kernel_report", "layout_report", "sparse_layer_count", "int8_layer_count",
+           "kernel_report", "layout_report", "layout_at", "sparse_layer_count", "int8_layer_count",
            "check_kernels", "KernelChooser",
            "MAX_DENSITY", "csr_conv2d", "csr_linear", "conv_columns"]
 
@@ -801,13 +801,28 @@ def _channels_last_input(net: nn.Module, layout: bool | str, chooser: KernelChoo
 def layout_report(net: nn.Module) -> dict[tuple[int, ...], str] | None:
     """{input shape: "channels_last" or "nchw"} as decided so far for a network ``accelerate`` lets
     choose its layout; None for one whose layout is fixed."""
-    ids = net.__dict__.get("lcs_channels_last")
-    hook = net._forward_pre_hooks.get(ids[0]) if ids is not None else None
-    if not isinstance(hook, _Layout):
-        return None
-    if hook.always:
+    hook = _layout_hook(net)
+    if hook is None or hook.always:
         return None
     return {shape: "channels_last" if cl else "nchw" for shape, cl in hook.chosen.items()}
+
+
+def _layout_hook(net: nn.Module) -> _Layout | None:
+    ids = net.__dict__.get("lcs_channels_last")
+    hook = net._forward_pre_hooks.get(ids[0]) if ids is not None else None
+    return hook if isinstance(hook, _Layout) else None
+
+
+def layout_at(net: nn.Module, batch: int) -> str:
+    """"channels_last" or "nchw": the layout ``net`` runs batches of ``batch`` in, as decided so far
+    (a network ``accelerate`` lets choose decides on its first eval call per input shape)."""
+    hook = _layout_hook(net)
+    if hook is None:
+        return "nchw"
+    if hook.always:
+        return "channels_last"
+    cl = next((c for shape, c in hook.chosen.items() if shape[0] == batch), False)
+    return "channels_last" if cl else "nchw"
 
 
 def _unfuse(m: nn.Module) -> None:
