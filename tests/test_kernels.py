@@ -757,3 +757,31 @@ def test_finishing_steps_write_in_place_only_into_fresh_outputs():
     assert torch.equal(g.grad, ((g + res) > 0).float())  # autograd: out of place, the gradient intact
     bcast = torch.randn(1, 4, 1, 1)
     assert torch.allclose(_finish(torch.ones(2, 4, 3, 3), bcast, relu=False), 1 + bcast.expand(2, 4, 3, 3))
+
+
+def test_the_dense_kernel_reads_a_channels_last_weight_for_channels_last_inputs_and_follows_weight_changes():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 1)).eval()
+    net[1].running_var.uniform_(0.5, 2.0)
+    ref = copy.deepcopy(net)
+    accelerate(net, chooser=Always("dense"), channels_last=True)
+    x = torch.randn(2, 4, 7, 7)
+    folded = net[0]
+    with torch.no_grad():
+        assert torch.allclose(net(x), ref(x), atol=1e-5)
+        copy_ = folded.__dict__["lcs_effective_cl"][2]
+        assert copy_.is_contiguous(memory_format=torch.channels_last) and not copy_.is_contiguous()
+        assert torch.equal(copy_, folded.effective()[0])
+        assert torch.equal(folded._dense_weight(x.contiguous())[0], folded.effective()[0])  # NCHW: as built
+        plain = net[3]  # no norm after it: accelerate leaves it an nn.Conv2d
+        assert type(plain) is nn.Conv2d
+    sparse = nn.Conv2d(6, 5, 1)
+    sparse.__class__ = SparseConv2d
+    sparse.__dict__.update(lcs_density=1.0, lcs_decisions={}, lcs_chooser=None)
+    xc = torch.randn(2, 6, 4, 4).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        first = sparse.run("dense", xc)
+        sparse.weight.mul_(2)  # changed in place: the channels-last copy follows
+        second = sparse.run("dense", xc)
+        want = torch.nn.functional.conv2d(xc.contiguous(), sparse.weight, sparse.bias)
+    assert torch.allclose(second, want, atol=1e-5) and not torch.allclose(first, second)
