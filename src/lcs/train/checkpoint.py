@@ -2,7 +2,8 @@
 
 A checkpoint is a directory ``checkpoints/step_XXXXXXXX/`` holding ``weights.safetensors`` (the
 subspace's state dict), ``optimizer.safetensors`` (momentum buffers by parameter index) and
-``state.json`` (epoch, step, RNG state, config). It is written under a temporary name and renamed
+``state.json`` (epoch, step, RNG state, config), and ``ema.safetensors`` (the weight average,
+``optim.ema``) while one is kept apart from the weights. It is written under a temporary name and renamed
 into place; ``checkpoints/latest.json`` is replaced last, so a run killed at any instant resumes
 from the last complete checkpoint. Both tensor files carry a digest of their data (``lcs.files``):
 a damaged checkpoint is detected on load, and ``load_latest_intact`` falls back to the newest
@@ -25,7 +26,9 @@ from ..errors import LcsError, state_dict_error
 from ..files import DamagedFileError, atomic_dir, dumps_json, load_tensors, save_tensors, write_json
 from ..layers.bn_stats import ROW_BUFFERS
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "load_weights", "list_checkpoints",
+EMA_FILE = "ema.safetensors"
+
+__all__ = ["EMA_FILE", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "load_weights", "list_checkpoints",
            "load_latest_intact"]
 
 
@@ -39,10 +42,11 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int = 2, tag: str = "") -> Path:
+                    state: dict[str, Any], keep: int = 2, tag: str = "",
+                    ema: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint for ``state["step"]`` atomically and prune old ones beyond ``keep``.
     ``tag``: a suffix for a second checkpoint of the same step (it sorts after the first, which
-    stays intact until the new one is complete)."""
+    stays intact until the new one is complete). ``ema``: the weight average's tensors."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{state['step']:08d}" + (f"_{tag}" if tag else "")
@@ -50,6 +54,8 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, opt: torch.opt
     with atomic_dir(final) as tmp:
         save_tensors(model.state_dict(), tmp / "weights.safetensors")
         save_tensors(_optimizer_tensors(opt), tmp / "optimizer.safetensors")
+        if ema is not None:
+            save_tensors(ema, tmp / EMA_FILE)
         full = {**state, "torch_rng": torch.get_rng_state().tolist()}
         (tmp / "state.json").write_text(dumps_json(full))
     write_json(root / "latest.json", {"checkpoint": name})
@@ -84,7 +90,8 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def load_latest_intact(run_dir: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer | None = None,
                        *, new_rows: bool = False) -> tuple[Path, dict[str, Any]]:
     """Load the newest checkpoint that is intact; a damaged one is reported on stderr and skipped.
-    Raises the newest damage error when none is intact. ``new_rows``: see ``load_weights``."""
+    Raises the newest damage error when none is intact. ``new_rows``: see ``load_weights``. The
+    state's ``ema_tensors`` holds the weight average where the checkpoint has one (digest-checked)."""
     first: DamagedFileError | None = None
     candidates = list_checkpoints(run_dir)
     for i, ckpt in enumerate(candidates):
@@ -133,6 +140,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer | N
     except (OSError, json.JSONDecodeError) as e:
         raise DamagedFileError(f"checkpoint {ckpt}/state.json is corrupted ({e})") from None
     state["bn_rows_reset"] = load_weights(ckpt / "weights.safetensors", model, new_rows=new_rows)
+    state["ema_tensors"] = load_tensors(ckpt / EMA_FILE)[0] if (ckpt / EMA_FILE).is_file() else None
     if opt is not None:
         tensors, _ = load_tensors(ckpt / "optimizer.safetensors")
         sd = opt.state_dict()

@@ -111,6 +111,9 @@ class OptimConfig:
     warmup_epochs: float = 1.0  # linear LR warm-up, then decay to 0 (schedule)
     schedule: str = "cosine"  # cosine | linear: the decay's shape after the warm-up
     label_smoothing: float = 0.0
+    # decay of an exponential moving average of the weights, validated each epoch and shipped at the
+    # end (lcs.train.ema); 0 = off, the live weights ship
+    ema: float = 0.0
 
 
 @dataclass
@@ -166,6 +169,7 @@ class Config:
         if o.schedule not in SCHEDULES:
             raise LcsError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
         _check(0 <= o.label_smoothing < 1, "optim.label_smoothing", o.label_smoothing, "in [0, 1)")
+        _check(0 <= o.ema < 1, "optim.ema", o.ema, "in [0, 1) (0: off)")
         if m.regime not in REGISTRY:
             raise LcsError(f"method.regime must be one of {', '.join(REGISTRY)}, got {m.regime!r}")
         record = REGISTRY[m.regime]

@@ -27,6 +27,7 @@ from .bn_pass import estimate_bn_stats
 from .checkpoint import load_latest_intact, save_checkpoint
 from .config import Config, save_config
 from .distributed import init_distributed
+from .ema import WeightEMA
 from .methods import Method, build_method
 from .run import build_subspace, open_data, resolve_device
 
@@ -128,6 +129,9 @@ class Trainer:
                                    nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
                                    weight_decay=cfg.optim.weight_decay)
         self.step = 0
+        # the weight average (optim.ema), kept apart until the last step, then copied into the model
+        self.ema = WeightEMA(self.model, cfg.optim.ema) if cfg.optim.ema > 0 else None
+        self.ema_applied = False
         self.bn_final_done = 0  # batches per row of the final BatchNorm pass already in the weights
         self.record = record_of(cfg.method.regime)
         self._phase: bool | None = None  # the regime's phase hook as last switched (None: not yet)
@@ -138,6 +142,7 @@ class Trainer:
             # are re-estimated by it: a trained subspace gets finer rows without retraining
             _, state = load_latest_intact(self.out, self.model, self.opt, new_rows=cfg.method.bn_final_batches > 0)
             self.step = int(state["step"])
+            self._restore_ema(state)
             self.bn_final_done = 0 if state["bn_rows_reset"] else int(state.get("bn_final_batches", 0))
             if state["bn_rows_reset"] and self.dist.is_main:
                 print(f"the checkpoint's BatchNorm statistics rows differ from method.bn_stats_bins="
@@ -189,6 +194,8 @@ class Trainer:
         if not bool(torch.isfinite(loss)):  # stop before the update: the weights and checkpoints stay good
             raise DivergedError(step, float(loss))
         self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step + 1)
         return {"loss": float(loss.detach()), "ce": float(ce_sum.detach()) / len(alphas),
                 "acc": correct / (y.numel() * len(alphas)), "alphas": alphas, "levels": levels,
                 **{k: float(v.detach()) for k, v in terms.items()}}
@@ -224,13 +231,19 @@ class Trainer:
                                     alpha=",".join(f"{a:.2f}" if not isinstance(a, dict) else
                                                    "/".join(f"{v:g}" for v in a.values()) for a in r["alphas"]))
             elapsed = time.perf_counter() - t0
+            live = self._ship_ema()  # after the last step: the average becomes the model
             if not self.dist.is_main:
                 continue  # rank 0 evaluates, logs and checkpoints; the others go on to the next epoch
             record = {"epoch": epoch + 1, "step": self.step, "lr": self.opt.param_groups[0]["lr"],
                       "train_loss": loss_sum / max(n, 1), "train_acc": acc_sum / max(n, 1),
                       "img_per_s": seen / max(elapsed, 1e-9), "epoch_seconds": elapsed}
             lo, hi = self.val_range
-            record.update(self._validate(lo, hi))
+            if self.ema is not None and not self.ema_applied:
+                with self.ema.applied(self.model):  # the average is validated: it is what will ship
+                    record.update(self._validate(lo, hi))
+            else:
+                record.update(self._validate(lo, hi))
+            record.update(live)
             records.append(record)
             say = bar.write if bar is not None else (lambda msg: print(msg, flush=True))
             lo_part = f"  α={lo:g}: {record['val_acc_lo']:.3f}" if lo != hi else ""
@@ -275,7 +288,7 @@ class Trainer:
         record["seconds"] = time.perf_counter() - t0
         self.bn_final_done = n
         save_checkpoint(self.out, self.model, self.opt, {"epoch": cfg.optim.epochs, "step": self.step,
-                                                         "bn_final_batches": n},
+                                                         "bn_final_batches": n, **self._ema_state()},
                         keep=cfg.run.keep_checkpoints, tag="bn")
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(dumps_json(record) + "\n")
@@ -303,8 +316,39 @@ class Trainer:
         return out
 
     def _checkpoint(self, epoch: int) -> None:
-        save_checkpoint(self.out, self.model, self.opt, {"epoch": epoch, "step": self.step},
-                        keep=self.cfg.run.keep_checkpoints)
+        save_checkpoint(self.out, self.model, self.opt, {"epoch": epoch, "step": self.step, **self._ema_state()},
+                        keep=self.cfg.run.keep_checkpoints,
+                        ema=self.ema.state_dict() if self.ema is not None and not self.ema_applied else None)
+
+    # -- the weight average (optim.ema) ----------------------------------------------------------
+    def _ema_state(self) -> dict[str, Any]:
+        return {"ema_applied": self.ema_applied} if self.ema is not None else {}
+
+    def _ship_ema(self) -> dict[str, float]:
+        """After the last step, copy the average into the model (on every rank); returns the live
+        weights' validation accuracy, logged as ``val_acc_*_live`` beside the average's."""
+        if self.ema is None or self.ema_applied or self.step < self.total_steps:
+            return {}
+        live = {}
+        if self.dist.is_main:
+            live = {f"{k}_live": v for k, v in self._validate(*self.val_range).items() if k.startswith("val_acc")}
+        self.ema.copy_to(self.model)
+        self.ema_applied = True
+        return live
+
+    def _restore_ema(self, state: dict[str, Any]) -> None:
+        """Resume the average: from the checkpoint's, or from the loaded weights where none is kept (the
+        run had no average, it was shipped and training goes on, or the statistics rows changed)."""
+        tensors = state.pop("ema_tensors", None)
+        if self.ema is None:
+            return
+        self.ema.reset(self.model)
+        self.ema_applied = bool(state.get("ema_applied")) and self.step >= self.total_steps
+        if tensors is not None and not state["bn_rows_reset"]:
+            try:
+                self.ema.load_state_dict(tensors)
+            except ValueError as e:
+                raise LcsError(f"{self.out}: {e}") from None
 
     def _truncate_log(self, step: int) -> None:
         path = self.out / "metrics.jsonl"

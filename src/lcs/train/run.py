@@ -113,5 +113,12 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Config, Subspace, dict]:
     cfg = config_from_dict(raw).validate()
     sub = build_subspace(cfg, init=False)  # the checkpoint overwrites every tensor
     _, state = load_latest_intact(run, sub.model)  # a damaged newest checkpoint falls back, saying so
+    ema = state.pop("ema_tensors", None)
+    if ema is not None:  # an unfinished optim.ema run: its average is what the trainer validates and ships
+        try:
+            sub.model.load_state_dict(ema, strict=True)
+        except RuntimeError as e:
+            raise LcsError(f"{run}: the checkpoint's weight average does not match the model: "
+                           f"{state_dict_error(e)}") from None
     sub.model.eval()
     return cfg, sub, state
