@@ -28,6 +28,14 @@ def ema_decay_at(decay: float, updates: int) -> float:
     return min(decay, (1.0 + updates) / (10.0 + updates))
 
 
+@torch.no_grad()
+def _write_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into the model's state in place (its parameters and buffers keep their storage)."""
+    live = model.state_dict()
+    for k, v in tensors.items():
+        live[k].copy_(v)
+
+
 class WeightEMA:
     """The average of ``model``'s state. ``updates`` counts the steps averaged (it is the trainer's
     step, so a resumed run continues the same sequence of decays)."""
@@ -36,13 +44,15 @@ class WeightEMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.reset(model)
 
     def reset(self, model: nn.Module) -> None:
         """Start the average again from the model's state (a resumed run without a stored average)."""
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
+        # read afresh each step, not cached: a module that rebinds a buffer instead of writing it in
+        # place would leave a cached reference stale; the read costs far less than the step itself
         live = model.state_dict()
         if live.keys() != self.state.keys():
             raise ValueError("the model's state has other keys than the average's")
@@ -66,12 +76,9 @@ class WeightEMA:
         for e, v in others:
             e.copy_(v)
 
-    @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Write the average into ``model`` (the weights that ship)."""
-        live = model.state_dict()
-        for k, e in self.state.items():
-            live[k].copy_(e)
+        _write_state(model, self.state)
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
@@ -81,9 +88,7 @@ class WeightEMA:
         try:
             yield
         finally:
-            with torch.no_grad():
-                for k, v in model.state_dict().items():
-                    v.copy_(live[k])
+            _write_state(model, live)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.contiguous() for k, v in self.state.items()}
