@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -238,10 +239,7 @@ class Trainer:
                       "train_loss": loss_sum / max(n, 1), "train_acc": acc_sum / max(n, 1),
                       "img_per_s": seen / max(elapsed, 1e-9), "epoch_seconds": elapsed}
             lo, hi = self.val_range
-            if self.ema is not None and not self.ema_applied:
-                with self.ema.applied(self.model):  # the average is validated: it is what will ship
-                    record.update(self._validate(lo, hi))
-            else:
+            with self._averaged():  # the average is validated: it is what will ship
                 record.update(self._validate(lo, hi))
             record.update(live)
             records.append(record)
@@ -323,6 +321,10 @@ class Trainer:
     # -- the weight average (optim.ema) ----------------------------------------------------------
     def _ema_state(self) -> dict[str, Any]:
         return {"ema_applied": self.ema_applied} if self.ema is not None else {}
+
+    def _averaged(self) -> AbstractContextManager[None]:
+        """The weight average swapped in while it is still kept apart; otherwise the model as it is."""
+        return self.ema.applied(self.model) if self.ema is not None and not self.ema_applied else nullcontext()
 
     def _ship_ema(self) -> dict[str, float]:
         """After the last step, copy the average into the model (on every rank); returns the live
