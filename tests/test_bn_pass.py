@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import lcs
-from lcs.train.bn_pass import batchnorms, estimate_bn_stats
+from lcs.train.bn_pass import RowWarmStart, batchnorms, estimate_bn_stats
+from lcs.train.checkpoint import latest_checkpoint
 from lcs.train.config import load_config
 from lcs.train.loop import Trainer
 from lcs.train.methods import FixedSampler, Method, UniformSampler
@@ -165,3 +166,93 @@ def test_a_finished_run_gets_finer_statistics_rows_without_retraining(tmp_path, 
     with pytest.raises(lcs.LcsError, match="does not match the model"):
         Trainer(load_config(None, FAST[:-1] + ["method.bn_final_batches=0", "method.bn_stats_bins=5"]), out,
                 data=tiny_digits, resume=True)
+
+
+def _bn_inputs(sub: lcs.Subspace, batches: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
+    """Each BN's input per batch at the subspace's current point, the model fixed (no update between)."""
+    inputs: dict[int, list[torch.Tensor]] = {}
+    hooks = [bn.register_forward_hook(lambda m, i, o, k=k: inputs.setdefault(k, []).append(i[0].detach()))
+             for k, bn in enumerate(batchnorms(sub.model))]
+    saved = {k: (bn.lcs_running_mean.clone(), bn.lcs_running_var.clone()) for k, bn in enumerate(batchnorms(sub.model))}
+    with torch.no_grad():
+        for x in batches:
+            sub.model(x)
+    for h in hooks:
+        h.remove()
+    for k, bn in enumerate(batchnorms(sub.model)):  # the reference pass leaves the rows as they were
+        bn.lcs_running_mean.copy_(saved[k][0])
+        bn.lcs_running_var.copy_(saved[k][1])
+    return inputs
+
+
+def test_a_rows_first_batches_replace_its_seed_then_momentum_takes_over():
+    """Under ``RowWarmStart`` a row's first k ≤ 10 batches give their plain average, whatever the
+    row started from; from the eleventh on, BatchNorm's momentum 0.1; other rows are untouched."""
+    sub = _subspace()
+    bns = batchnorms(sub.model)
+    for bn in bns:  # a seed far from anything these batches give
+        bn.lcs_running_mean.fill_(100.0)
+        bn.lcs_running_var.fill_(1e4)
+    alpha = 0.3
+    sub.set_alpha(alpha)
+    sub.model.train()
+    row = sub.config.stats_row(alpha, sub.config.levels(alpha))
+    others = {k: bn.lcs_running_mean.clone() for k, bn in enumerate(bns)}
+    batches = _batches(3)
+    inputs = _bn_inputs(sub, batches)
+    warm = RowWarmStart(sub)
+    with torch.no_grad():
+        for x in batches:
+            with warm.updating():
+                sub.model(x)
+    assert warm.counts[row] == 3 and sum(warm.counts) == 3
+    for k, bn in enumerate(bns):
+        mean = torch.stack([x.mean((0, 2, 3)) for x in inputs[k]]).mean(0)
+        var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in inputs[k]]).mean(0)
+        torch.testing.assert_close(bn.lcs_running_mean[row], mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.lcs_running_var[row], var, rtol=1e-5, atol=1e-5)
+        kept = [r for r in range(sub.config.stats_rows) if r != row]
+        assert torch.equal(bn.lcs_running_mean[kept], others[k][kept])
+        assert bn.momentum == 0.1  # restored after each forward
+    # a row seen often: the batch joins with the BN's own momentum
+    warm.counts[row] = 20
+    x = _batches(4)[3]
+    before = [bn.lcs_running_mean[row].clone() for bn in bns]
+    new = _bn_inputs(sub, [x])
+    with torch.no_grad(), warm.updating():
+        sub.model(x)
+    for k, bn in enumerate(bns):
+        torch.testing.assert_close(bn.lcs_running_mean[row], 0.9 * before[k] + 0.1 * new[k][0].mean((0, 2, 3)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+ROWS = ["model.norm=bn", "method.name=lcs_p", "method.bn_stats_bins=4", "method.bn_final_batches=0",
+        "data.batch_size=32", "optim.epochs=3", "optim.warmup_epochs=0.5", "method.warmup=0.3",
+        "run.progress=false"]
+
+
+def test_row_counts_are_checkpointed_and_a_resumed_run_updates_its_rows_exactly(tmp_path, tiny_digits):
+    full = Trainer(load_config(None, ROWS), tmp_path / "full", data=tiny_digits)
+    full.fit()
+    assert sum(full.bn_rows.counts) == full.step  # LCS+P: one forward a step
+    part = Trainer(load_config(None, ROWS), tmp_path / "part", data=tiny_digits)
+    part.fit(stop_after_epoch=1)
+    resumed = Trainer(load_config(None, ROWS), tmp_path / "part", data=tiny_digits, resume=True)
+    assert resumed.bn_rows.counts == part.bn_rows.counts and sum(part.bn_rows.counts) == part.step
+    resumed.fit()
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_checkpoint_without_row_counts_resumes_with_every_row_long_seen(tmp_path, tiny_digits):
+    """Runs checkpointed before the counts were kept: their rows go on at momentum 0.1, as before."""
+    out = tmp_path / "old"
+    Trainer(load_config(None, ROWS), out, data=tiny_digits).fit(stop_after_epoch=1)
+    state_file = latest_checkpoint(out) / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["bn_row_batches"]
+    state_file.write_text(json.dumps(state))
+    resumed = Trainer(load_config(None, ROWS), out, data=tiny_digits, resume=True)
+    assert all(c >= 10 for c in resumed.bn_rows.counts)
+    resumed.fit()

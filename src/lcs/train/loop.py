@@ -24,7 +24,7 @@ from ..eval.evaluate import evaluate_accuracy
 from ..files import dumps_json
 from ..regimes import record_of
 from ..subspace import Subspace
-from .bn_pass import estimate_bn_stats
+from .bn_pass import RowWarmStart, estimate_bn_stats
 from .checkpoint import load_latest_intact, save_checkpoint
 from .config import Config, save_config
 from .distributed import init_distributed
@@ -134,6 +134,7 @@ class Trainer:
         self.ema = WeightEMA(self.model, cfg.optim.ema) if cfg.optim.ema > 0 else None
         self.ema_applied = False
         self.bn_final_done = 0  # batches per row of the final BatchNorm pass already in the weights
+        self.bn_rows = RowWarmStart(self.sub)  # a statistics row's first batches replace its seed
         self.record = record_of(cfg.method.regime)
         self._phase: bool | None = None  # the regime's phase hook as last switched (None: not yet)
         if self.dist.is_main:
@@ -144,6 +145,7 @@ class Trainer:
             _, state = load_latest_intact(self.out, self.model, self.opt, new_rows=cfg.method.bn_final_batches > 0)
             self.step = int(state["step"])
             self._restore_ema(state)
+            self.bn_rows.load(state, rows_reset=state["bn_rows_reset"])
             self.bn_final_done = 0 if state["bn_rows_reset"] else int(state.get("bn_final_batches", 0))
             if state["bn_rows_reset"] and self.dist.is_main:
                 print(f"the checkpoint's BatchNorm statistics rows differ from method.bn_stats_bins="
@@ -185,7 +187,7 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         for i, a in enumerate(alphas):
             levels.append(self.method.apply(self.sub, a, step))
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with self.bn_rows.updating(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = self.net(x)
                 ce = F.cross_entropy(out, y, label_smoothing=self.cfg.optim.label_smoothing)
             (ce + extra if i == 0 and extra is not None else ce).backward()  # each α's graph freed at once
@@ -286,7 +288,7 @@ class Trainer:
         record["seconds"] = time.perf_counter() - t0
         self.bn_final_done = n
         save_checkpoint(self.out, self.model, self.opt, {"epoch": cfg.optim.epochs, "step": self.step,
-                                                         "bn_final_batches": n, **self._ema_state()},
+                                                         "bn_final_batches": n, **self._run_state()},
                         keep=cfg.run.keep_checkpoints, tag="bn")
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(dumps_json(record) + "\n")
@@ -314,14 +316,16 @@ class Trainer:
         return out
 
     def _checkpoint(self, epoch: int) -> None:
-        save_checkpoint(self.out, self.model, self.opt, {"epoch": epoch, "step": self.step, **self._ema_state()},
+        save_checkpoint(self.out, self.model, self.opt, {"epoch": epoch, "step": self.step, **self._run_state()},
                         keep=self.cfg.run.keep_checkpoints,
                         ema=self.ema.state_dict() if self.ema is not None and not self.ema_applied else None)
 
-    # -- the weight average (optim.ema) ----------------------------------------------------------
-    def _ema_state(self) -> dict[str, Any]:
-        return {"ema_applied": self.ema_applied} if self.ema is not None else {}
+    def _run_state(self) -> dict[str, Any]:
+        """What a checkpoint's state.json keeps beside the step: whether the average was shipped,
+        and the statistics rows' batch counts."""
+        return {**({"ema_applied": self.ema_applied} if self.ema is not None else {}), **self.bn_rows.state()}
 
+    # -- the weight average (optim.ema) ----------------------------------------------------------
     def _averaged(self) -> AbstractContextManager[None]:
         """The weight average swapped in while it is still kept apart; otherwise the model as it is."""
         return self.ema.applied(self.model) if self.ema is not None and not self.ema_applied else nullcontext()
