@@ -187,7 +187,8 @@ def _bn_inputs(sub: lcs.Subspace, batches: list[torch.Tensor]) -> dict[int, list
 
 def test_a_rows_first_batches_replace_its_seed_then_momentum_takes_over():
     """Under ``RowWarmStart`` a row's first k ≤ 10 batches give their plain average, whatever the
-    row started from; from the eleventh on, BatchNorm's momentum 0.1; other rows are untouched."""
+    row started from; a row that gets every batch then joins at BatchNorm's momentum 0.1, one that
+    gets a share p of them at 1 − 0.9^(1/p); other rows are untouched."""
     sub = _subspace()
     bns = batchnorms(sub.model)
     for bn in bns:  # a seed far from anything these batches give
@@ -224,6 +225,17 @@ def test_a_rows_first_batches_replace_its_seed_then_momentum_takes_over():
     for k, bn in enumerate(bns):
         torch.testing.assert_close(bn.lcs_running_mean[row], 0.9 * before[k] + 0.1 * new[k][0].mean((0, 2, 3)),
                                    rtol=1e-5, atol=1e-5)
+    # the same row after 59 batches elsewhere: a share 21/81 of all batches, this one included
+    other = next(r for r in range(sub.config.stats_rows) if r != row)
+    warm.counts = [0] * sub.config.stats_rows
+    warm.counts[row], warm.counts[other] = 20, 60
+    before = [bn.lcs_running_mean[row].clone() for bn in bns]
+    with torch.no_grad(), warm.updating():
+        sub.model(x)
+    mom = 1 - 0.9 ** (81 / 21)
+    for k, bn in enumerate(bns):
+        torch.testing.assert_close(bn.lcs_running_mean[row], (1 - mom) * before[k] + mom * new[k][0].mean((0, 2, 3)),
+                                   rtol=1e-5, atol=1e-5)
 
 
 ROWS = ["model.norm=bn", "method.name=lcs_p", "method.bn_stats_bins=4", "method.bn_final_batches=0",
@@ -246,7 +258,8 @@ def test_row_counts_are_checkpointed_and_a_resumed_run_updates_its_rows_exactly(
 
 
 def test_a_checkpoint_without_row_counts_resumes_with_every_row_long_seen(tmp_path, tiny_digits):
-    """Runs checkpointed before the counts were kept: their rows go on at momentum 0.1, as before."""
+    """Runs checkpointed before the counts were kept resume, every row counted as long and equally
+    often seen."""
     out = tmp_path / "old"
     Trainer(load_config(None, ROWS), out, data=tiny_digits).fit(stop_after_epoch=1)
     state_file = latest_checkpoint(out) / "state.json"
