@@ -46,7 +46,7 @@ class RowWarmStart:
     with ``--init``), and at 128 rows an interior row sees a few batches an epoch. At momentum m
     alone, 0.9ᵏ of the seed remains after k batches and the rest averages batches from epochs ago:
     a 2.5 %-dense LCS+P network validated at chance (0.100) for all five CIFAR-10 epochs on the
-    dense model's statistics, and its dense end at 0.715–0.745 (0.607 and 0.835 once the final pass
+    dense model's statistics, and its dense end at 0.714–0.745 (0.607 and 0.835 once the final pass
     replaced them; docs/results.md, session 19). A one-batch estimate is fresh and, over 128 images
     and every pixel, close to the population's. Activation ranges start the same way
     (``lcs.layers.quant``). Rows only: a model with one shared set keeps BatchNorm's own update.
