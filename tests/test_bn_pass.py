@@ -1,6 +1,8 @@
-"""The final BatchNorm pass: each statistics row becomes the plain average of its batches' statistics
-with the final weights (against a slow reference), every reachable row gets its batches, and the
-trainer runs it once, checkpoints it and does not redo it on resume."""
+"""The statistics rows. The final BatchNorm pass: each row becomes the plain average of its batches'
+statistics with the final weights (against a slow reference), every reachable row gets its batches,
+and the trainer runs it once, checkpoints it and does not redo it on resume. In training
+(``RowWarmStart``): a row's first batches replace its seed, later ones join at the rate of one
+shared set, and the counts resume exactly."""
 
 import json
 
@@ -31,31 +33,45 @@ def _batches(n: int) -> list[torch.Tensor]:
     return [torch.randn(16, 3, 8, 8, generator=gen) * (1 + i) + i for i in range(n)]
 
 
-def test_a_row_becomes_the_average_of_its_batches_statistics():
-    sub = _subspace()
-    alpha = 0.3
-    method = Method("fixed", "line", FixedSampler(alpha))
-    batches = _batches(3)
-    # the reference: each BN's input at α, batch by batch, with the model as it is (no update between)
+def _bn_inputs(sub: lcs.Subspace, batches: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
+    """Each BN's input per batch at the subspace's current point, the model fixed (no update between)."""
     inputs: dict[int, list[torch.Tensor]] = {}
-    bns = batchnorms(sub.model)
     hooks = [bn.register_forward_hook(lambda m, i, o, k=k: inputs.setdefault(k, []).append(i[0].detach()))
-             for k, bn in enumerate(bns)]
-    sub.set_alpha(alpha)
-    sub.model.train()
+             for k, bn in enumerate(batchnorms(sub.model))]
+    saved = {k: (bn.lcs_running_mean.clone(), bn.lcs_running_var.clone()) for k, bn in enumerate(batchnorms(sub.model))}
     with torch.no_grad():
         for x in batches:
             sub.model(x)
     for h in hooks:
         h.remove()
+    for k, bn in enumerate(batchnorms(sub.model)):  # the reference pass leaves the rows as they were
+        bn.lcs_running_mean.copy_(saved[k][0])
+        bn.lcs_running_var.copy_(saved[k][1])
+    return inputs
+
+
+
+def _assert_row_is_plain_average(bn: nn.Module, row: int, inputs: list[torch.Tensor]) -> None:
+    """Row ``row`` of ``bn`` holds the plain average of these inputs' batch mean and unbiased variance."""
+    mean = torch.stack([x.mean((0, 2, 3)) for x in inputs]).mean(0)
+    var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in inputs]).mean(0)
+    torch.testing.assert_close(bn.lcs_running_mean[row], mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.lcs_running_var[row], var, rtol=1e-5, atol=1e-5)
+
+def test_a_row_becomes_the_average_of_its_batches_statistics():
+    sub = _subspace()
+    alpha = 0.3
+    method = Method("fixed", "line", FixedSampler(alpha))
+    batches = _batches(3)
+    bns = batchnorms(sub.model)
+    sub.set_alpha(alpha)
+    sub.model.train()
+    inputs = _bn_inputs(sub, batches)  # the reference: each BN's input at α, the model as it is
     counts = estimate_bn_stats(sub, method, batches, step=0, batches_per_row=3)
     row = sub.config.stats_row(alpha, sub.config.levels(alpha))
     assert counts[row] == 3 and sum(counts) == 3
     for k, bn in enumerate(bns):
-        mean = torch.stack([x.mean((0, 2, 3)) for x in inputs[k]]).mean(0)
-        var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in inputs[k]]).mean(0)
-        torch.testing.assert_close(bn.lcs_running_mean[row], mean, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(bn.lcs_running_var[row], var, rtol=1e-5, atol=1e-5)
+        _assert_row_is_plain_average(bn, row, inputs[k])
         assert bn.momentum == 0.1  # restored
 
 
@@ -168,23 +184,6 @@ def test_a_finished_run_gets_finer_statistics_rows_without_retraining(tmp_path, 
                 data=tiny_digits, resume=True)
 
 
-def _bn_inputs(sub: lcs.Subspace, batches: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
-    """Each BN's input per batch at the subspace's current point, the model fixed (no update between)."""
-    inputs: dict[int, list[torch.Tensor]] = {}
-    hooks = [bn.register_forward_hook(lambda m, i, o, k=k: inputs.setdefault(k, []).append(i[0].detach()))
-             for k, bn in enumerate(batchnorms(sub.model))]
-    saved = {k: (bn.lcs_running_mean.clone(), bn.lcs_running_var.clone()) for k, bn in enumerate(batchnorms(sub.model))}
-    with torch.no_grad():
-        for x in batches:
-            sub.model(x)
-    for h in hooks:
-        h.remove()
-    for k, bn in enumerate(batchnorms(sub.model)):  # the reference pass leaves the rows as they were
-        bn.lcs_running_mean.copy_(saved[k][0])
-        bn.lcs_running_var.copy_(saved[k][1])
-    return inputs
-
-
 def test_a_rows_first_batches_replace_its_seed_then_momentum_takes_over():
     """Under ``RowWarmStart`` a row's first k ≤ 10 batches give their plain average, whatever the
     row started from; a row that gets every batch then joins at BatchNorm's momentum 0.1, one that
@@ -208,10 +207,7 @@ def test_a_rows_first_batches_replace_its_seed_then_momentum_takes_over():
                 sub.model(x)
     assert warm.counts[row] == 3 and sum(warm.counts) == 3
     for k, bn in enumerate(bns):
-        mean = torch.stack([x.mean((0, 2, 3)) for x in inputs[k]]).mean(0)
-        var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in inputs[k]]).mean(0)
-        torch.testing.assert_close(bn.lcs_running_mean[row], mean, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(bn.lcs_running_var[row], var, rtol=1e-5, atol=1e-5)
+        _assert_row_is_plain_average(bn, row, inputs[k])
         kept = [r for r in range(sub.config.stats_rows) if r != row]
         assert torch.equal(bn.lcs_running_mean[kept], others[k][kept])
         assert bn.momentum == 0.1  # restored after each forward

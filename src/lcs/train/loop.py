@@ -134,7 +134,7 @@ class Trainer:
         self.ema = WeightEMA(self.model, cfg.optim.ema) if cfg.optim.ema > 0 else None
         self.ema_applied = False
         self.bn_final_done = 0  # batches per row of the final BatchNorm pass already in the weights
-        self.bn_rows = RowWarmStart(self.sub)  # a statistics row's first batches replace its seed
+        self.bn_rows = RowWarmStart(self.sub)  # statistics rows: their own first batches, then one set's rate
         self.record = record_of(cfg.method.regime)
         self._phase: bool | None = None  # the regime's phase hook as last switched (None: not yet)
         if self.dist.is_main:
