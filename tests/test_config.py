@@ -46,6 +46,9 @@ def test_bad_overrides(pair, match):
     (["data.pipeline=stream"], "image folders only"),
     (["data.workers=-1"], "data.workers"),
     (["data.split_seed=-1"], "data.split_seed"),
+    (["data.crop_pad=-1"], "data.crop_pad"),
+    (["data.flip=vertical"], "data.flip must be one of random, alternate"),
+    (["data.crop_pad=16"], "data.crop_pad"),  # digits run at 16 px: a 16-pixel pad leaves no image in a crop
 ])
 def test_validation_errors(pairs, match):
     with pytest.raises(LcsError, match=match):
@@ -94,3 +97,27 @@ def test_split_seed_keeps_the_validation_split_when_run_seed_changes():
     assert split_seed(kept_cfg) == 0 and kept_cfg.run.seed == 1
     assert torch.equal(kept.val.images, base.val.images) and torch.equal(kept.val.labels, base.val.labels)
     assert not torch.equal(moved.val.images, base.val.images)
+
+
+def test_crop_pad_sets_the_random_crop_of_training_batches():
+    """crop_pad=0 on digits (no flips) must hand back the images unshifted; the default pad must not."""
+    import torch
+
+    from lcs.data import normalize, train_batches
+    from lcs.train.run import open_data
+
+    default = open_data(load_config())
+    unshifted = open_data(load_config(None, ["data.crop_pad=0"]))
+    assert (default.pad, unshifted.pad) == (2, 0)  # digits: image_size 16 // 8
+    assert torch.equal(unshifted.train.images, default.train.images)  # same split, only the crop changes
+
+    def first_batch(data):
+        x, y = next(iter(train_batches(data, 64, epoch=0, seed=0)))
+        return x, y
+
+    x0, y0 = first_batch(unshifted)
+    raw = normalize(unshifted.train.images, unshifted.mean, unshifted.std)
+    matches = [(raw == xi).all(dim=(1, 2, 3)).nonzero().numel() > 0 for xi in x0]
+    assert all(matches)  # every augmented image is one of the training images as it is
+    x4, y4 = first_batch(default)
+    assert torch.equal(y0, y4) and not torch.equal(x0, x4)

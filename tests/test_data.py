@@ -437,6 +437,38 @@ def test_draw_augmentation_ranges_and_hflip_off() -> None:
     assert torch.equal(crop_and_flip(imgs, centre, centre, torch.ones(2, dtype=torch.bool), 3), imgs.flip(-1))
 
 
+def _flipped_in_epoch(d: ImageData, epoch: int, seed: int, **ranks) -> dict[int, bool]:
+    """Image index (= label) -> whether ``train_batches`` showed it mirrored (pad 0: no shift)."""
+    out = {}
+    for x, y in train_batches(d, 8, epoch=epoch, seed=seed, **ranks):
+        for xi, yi in zip(x, y, strict=True):
+            raw = normalize(d.train.images[yi], d.mean, d.std)
+            assert torch.equal(xi, raw) or torch.equal(xi, raw.flip(-1))
+            out[int(yi)] = not torch.equal(xi, raw)
+    return out
+
+
+def test_alternating_flips_show_every_image_both_ways_every_two_epochs() -> None:
+    import dataclasses
+
+    d = dataclasses.replace(_toy(n=64, pad=0), flip="alternate")
+    epochs = [_flipped_in_epoch(d, e, seed=3) for e in range(4)]
+    assert 16 < sum(epochs[0].values()) < 48  # a fair coin per image in the first epoch
+    for e in range(3):
+        assert all(epochs[e][i] != epochs[e + 1][i] for i in range(64))  # the opposite in the next
+    # a function of (seed, image, epoch) alone: other batch orders, resumes and ranks agree
+    assert _flipped_in_epoch(d, 2, seed=3) == epochs[2]
+    rank1 = _flipped_in_epoch(d, 1, seed=3, rank=1, world_size=2)
+    assert len(rank1) == 32 and all(epochs[1][i] == f for i, f in rank1.items())
+    assert _flipped_in_epoch(d, 0, seed=4) != epochs[0]
+    # random flips (the default) repeat the same side in consecutive epochs for about a quarter
+    random = [_flipped_in_epoch(_toy(n=64, pad=0), e, seed=3) for e in range(2)]
+    assert any(random[0][i] == random[1][i] for i in range(64))
+    # no flips where the data has none (digits): alternate changes nothing
+    still = dataclasses.replace(_toy(n=64, pad=0, hflip=False), flip="alternate")
+    assert not any(_flipped_in_epoch(still, 1, seed=3).values())
+
+
 def test_eval_batches_in_order_all_samples() -> None:
     d = _toy()
     out = list(eval_batches(d, "train", batch_size=16))

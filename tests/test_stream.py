@@ -75,6 +75,19 @@ def test_auto_picks_stream_for_large_images_and_memory_otherwise(folder):
         load_data("folder", str(folder), pipeline="stream", workers=-1)
 
 
+def test_crop_pad_and_flip_are_refused_for_streamed_folders(folder):
+    from lcs.train.config import load_config
+    from lcs.train.run import open_data
+
+    cfg = load_config(None, ["data.name=folder", f"data.root={folder}", "data.image_size=64", "data.crop_pad=2",
+                             "data.workers=0", "data.cache=false"])
+    with pytest.raises(LcsError, match="data.crop_pad and data.flip apply to in-memory data"):
+        open_data(cfg)
+    with pytest.raises(LcsError, match="data.crop_pad and data.flip apply to in-memory data"):
+        open_data(load_config(None, ["data.name=folder", f"data.root={folder}", "data.image_size=64",
+                                     "data.flip=alternate", "data.workers=0", "data.cache=false"]))
+
+
 def test_train_batches_shapes_and_determinism_per_seed_epoch(folder):
     data = _load(folder)
     a = _all(train_batches(data, 4, epoch=0, seed=0))

@@ -63,6 +63,9 @@ class ImageData:
     std: tuple[float, float, float]
     pad: int  # random-crop zero padding for training augmentation
     hflip: bool  # random horizontal flip during training (False where flipping changes the label)
+    # "random": each image flipped with probability 1/2 per epoch; "alternate": a seeded random choice in
+    # the first epoch, the opposite in the next, and so on (every image seen both ways every two epochs)
+    flip: str = "random"
 
     @property
     def num_classes(self) -> int:

@@ -15,7 +15,7 @@ from ..errors import LcsError
 from .base import ImageData, Split
 from .seeds import _derive_seed, _is_int
 from .stream import StreamData, stream_eval_batches, stream_train_batches
-from .transforms import crop_and_flip, draw_augmentation, normalize
+from .transforms import alternating_flips, crop_and_flip, draw_augmentation, normalize
 
 __all__ = ["num_batches", "train_batches", "eval_batches"]
 
@@ -90,6 +90,8 @@ def _train_iter(data: ImageData, batch_size: int, epoch: int, seed: int, start_b
         if augment:
             dy, dx, flip = draw_augmentation(batch_size, data.pad, data.hflip,
                                              seed=seed, epoch=epoch, batch=b)
+            if data.hflip and data.flip == "alternate":
+                flip = alternating_flips(idx, len(data.train), seed=seed, epoch=epoch)
             x = crop_and_flip(x, dy[mine], dx[mine], flip[mine], data.pad)
         yield normalize(x, data.mean, data.std), y
 

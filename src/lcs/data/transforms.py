@@ -9,7 +9,9 @@ import torch
 from ..errors import LcsError
 from .seeds import _derive_seed
 
-__all__ = ["normalize", "draw_augmentation", "crop_and_flip"]
+__all__ = ["normalize", "draw_augmentation", "alternating_flips", "crop_and_flip", "FLIPS"]
+
+FLIPS: tuple[str, ...] = ("random", "alternate")
 
 
 def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -36,6 +38,20 @@ def draw_augmentation(n: int, pad: int, hflip: bool, *, seed: int, epoch: int, b
     if not hflip:
         flip = torch.zeros(n, dtype=torch.bool)
     return offsets[0], offsets[1], flip
+
+
+def alternating_flips(indices: torch.Tensor, n: int, *, seed: int, epoch: int) -> torch.Tensor:
+    """Flip flags of the images ``indices`` (of ``n``) in ``epoch``: a seeded coin per image, negated
+    every odd epoch.
+
+    Why (Jordan, "94 % on CIFAR-10 in 3.29 seconds", 2024): with independent coins a quarter of the
+    images are seen the same way round in two consecutive epochs; alternating shows each both ways
+    every two epochs, which helps most when there are few epochs. A function of (seed, index, epoch)
+    only, so it resumes exactly and ranks agree.
+    """
+    gen = torch.Generator().manual_seed(_derive_seed("alternate-flip", int(seed)))
+    first = torch.randint(0, 2, (int(n),), generator=gen).bool()
+    return first[indices] ^ bool(int(epoch) % 2)
 
 
 def crop_and_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,

@@ -35,6 +35,7 @@ def default_norm(regime: str, method: str) -> str | None:
 PIPELINES = ("auto", "memory", "stream")  # = lcs.data.stream.PIPELINES (not imported: config stays light)
 AMP_MODES = ("bf16",)  # and None (none): no autocast
 NORMS = ("gn", "in", "ln", "bn")
+FLIPS = ("random", "alternate")  # = lcs.data.transforms.FLIPS (not imported: config stays light)
 SCHEDULES = ("cosine", "linear")  # the LR decay after the warm-up (loop.lr_at)
 
 
@@ -48,7 +49,13 @@ class DataConfig:
     split_seed: int | None = None
     image_size: int | None = None  # square size images are resized to; None = the data's default (below)
     batch_size: int = 32  # global batch size
-    augment: bool = True  # random crop (pad = size/8) + flip where the data allows
+    augment: bool = True  # random crop (pad = crop_pad) + flip where the data allows
+    # zero padding of the random crop, in pixels; None = the data's own (image_size / 8: 4 on CIFAR-10).
+    # In-memory data only (streamed folders take ImageNet's random resized crops)
+    crop_pad: int | None = None
+    # horizontal flips: random (a coin per image and epoch) | alternate (a seeded coin in the first epoch,
+    # then the opposite of the last: every image both ways every two epochs). In-memory data only
+    flip: str = "random"
     cache: bool = True  # cache decoded folders in $LCS_CACHE or ~/.cache/lcs (safetensors)
     # folder: memory (decode once, cache) | stream (DataLoader workers, ImageNet crops) | auto (stream from
     # image_size 64 on, or when the decoded images would exceed 4 GiB)
@@ -161,6 +168,10 @@ class Config:
             d.image_size = DEFAULT_IMAGE_SIZE[d.name]
         _check(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
         _check(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
+        if d.flip not in FLIPS:
+            raise LcsError(f"data.flip must be one of {', '.join(FLIPS)}, got {d.flip!r}")
+        _check(d.crop_pad is None or 0 <= d.crop_pad < d.image_size, "data.crop_pad", d.crop_pad,
+               f"in [0, image_size={d.image_size}) (or none: the data's own)")
         _check(o.epochs >= 1, "optim.epochs", o.epochs, ">= 1")
         _check(o.lr > 0, "optim.lr", o.lr, "> 0")
         _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")

@@ -3,6 +3,7 @@ finished run directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -91,10 +92,27 @@ def open_data(cfg: Config, root: str | None = None, name: str | None = None):
     from ..data import load_data
 
     key = name or cfg.data.name
-    return load_data(key, root if (name or root is not None) else cfg.data.root,
+    data = load_data(key, root if (name or root is not None) else cfg.data.root,
                      val_fraction=cfg.data.val_fraction, seed=split_seed(cfg), image_size=cfg.data.image_size,
                      cache_dir=cache_dir() if cfg.data.cache else None,
                      pipeline=cfg.data.pipeline if key == "folder" else "auto", workers=cfg.data.workers)
+    return with_augmentation(data, cfg.data.crop_pad, cfg.data.flip)
+
+
+def with_augmentation(data, pad: int | None, flip: str = "random"):
+    """``data`` with the random crop's zero padding set to ``pad`` pixels (None: the data's own) and the
+    flips drawn ``flip`` ("random" or "alternate").
+
+    Why knobs: a small network trained for a few epochs underfits, and a milder crop is less to fit.
+    """
+    from ..data.base import ImageData
+
+    if pad is None and flip == "random":
+        return data
+    if not isinstance(data, ImageData):
+        raise LcsError("data.crop_pad and data.flip apply to in-memory data; streamed folders take "
+                       "ImageNet's random resized crops (set data.pipeline=memory, or drop those keys)")
+    return dataclasses.replace(data, pad=data.pad if pad is None else int(pad), flip=flip)
 
 
 def load_run(run_dir: str | os.PathLike) -> tuple[Config, Subspace, dict]:
