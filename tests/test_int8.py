@@ -16,7 +16,8 @@ from lcs.layers import int8
 from lcs.layers.kernels import KernelChooser, accelerate, dense_kernels, int8_layer_count, kernel_report
 from lcs.layers.quant import affine_qparams, attach_layer_quant, fake_quantize_values, set_activation_quant
 
-needs_int8 = pytest.mark.skipif(not int8.available(), reason="no x86 int8 engine in this torch build")
+needs_int8 = pytest.mark.skipif(not int8.available(), reason="no x86 int8 engine in this torch build, or a CPU "
+                                "without exact u8·s8 sums (VNNI / AMX)")
 
 
 class Prefer(KernelChooser):
@@ -185,6 +186,20 @@ def test_float_choice_on_a_chain_reads_codes_from_the_conv_before():
     assert (out - ref).abs().max() <= 1e-2 * ref.abs().max()
     report = kernel_report(fast)
     assert report["blocks.0.conv1"][2] == "int8" and report["blocks.0.conv2"][2] == "dense"
+
+
+def test_no_int8_kernel_where_the_cpu_sums_inexactly(monkeypatch):
+    """Without VNNI / AMX the int8 kernels saturate their int16 pair sums: float kernels run instead."""
+    monkeypatch.setattr(int8, "_exact_pair_sums", lambda: False)
+    assert not int8.available()
+    sub = _quantized_network()
+    plain = lcs.materialize(sub, 1.0)
+    fast = copy.deepcopy(plain)
+    accelerate(fast, sub.compressed, chooser=Prefer("int8"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), plain(x), atol=1e-5)
+    assert not any(d.get(2) == "int8" for d in kernel_report(fast).values())
 
 
 def test_unquantized_layers_get_no_int8_kernel():

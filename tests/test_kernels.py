@@ -429,7 +429,8 @@ def test_accelerate_traces_once_where_a_conv_may_fold_and_not_with_a_plan(monkey
     assert all(type(dense[i]) is K.FoldedBatchNorm2d for i in (1, 4, 7)) and kernel_report(dense) == {}
     x = torch.randn(2, 3, 10, 10)
     with torch.no_grad():
-        assert torch.allclose(dense(x), dense_kernels(copy.deepcopy(dense))(x), rtol=1e-5, atol=1e-4)
+        ref = dense_kernels(copy.deepcopy(dense))(x)  # outputs in the hundreds: float32 folding error scales with them
+        assert torch.allclose(dense(x), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
     plan = real(_bn_net())
     assert accelerate(_bn_net(), chooser=Always("csr"), plan=plan) == 2 and len(traced) == 1  # given: not traced
     assert accelerate(nn.Sequential(nn.Linear(4, 4)), chooser=Always("csr")) == 0 and len(traced) == 1  # no conv
