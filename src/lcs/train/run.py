@@ -96,7 +96,8 @@ def open_data(cfg: Config, root: str | None = None, name: str | None = None):
                      val_fraction=cfg.data.val_fraction, seed=split_seed(cfg), image_size=cfg.data.image_size,
                      cache_dir=cache_dir() if cfg.data.cache else None,
                      pipeline=cfg.data.pipeline if key == "folder" else "auto", workers=cfg.data.workers)
-    return with_augmentation(data, cfg.data.crop_pad, cfg.data.flip)
+    # another data set (evaluation only) is never augmented: the run's crop and flips are not its settings
+    return data if name else with_augmentation(data, cfg.data.crop_pad, cfg.data.flip)
 
 
 def with_augmentation(data, pad: int | None, flip: str = "random"):
