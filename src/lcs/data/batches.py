@@ -83,6 +83,8 @@ def _train_iter(data: ImageData, batch_size: int, epoch: int, seed: int, start_b
     perm = torch.randperm(len(data.train), generator=gen)
     local = batch_size // world_size
     mine = slice(rank * local, (rank + 1) * local)
+    sides = (alternating_flips(len(data.train), seed=seed, epoch=epoch)  # once per epoch, indexed per batch
+             if augment and data.hflip and data.flip == "alternate" else None)
     for b in range(start_batch, total):
         idx = perm[b * batch_size:(b + 1) * batch_size]
         x = data.train.images[idx[mine]].to(device)
@@ -90,8 +92,8 @@ def _train_iter(data: ImageData, batch_size: int, epoch: int, seed: int, start_b
         if augment:
             dy, dx, flip = draw_augmentation(batch_size, data.pad, data.hflip,
                                              seed=seed, epoch=epoch, batch=b)
-            if data.hflip and data.flip == "alternate":
-                flip = alternating_flips(idx, len(data.train), seed=seed, epoch=epoch)
+            if sides is not None:
+                flip = sides[idx]
             x = crop_and_flip(x, dy[mine], dx[mine], flip[mine], data.pad)
         yield normalize(x, data.mean, data.std), y
 

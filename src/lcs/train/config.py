@@ -35,7 +35,7 @@ def default_norm(regime: str, method: str) -> str | None:
 PIPELINES = ("auto", "memory", "stream")  # = lcs.data.stream.PIPELINES (not imported: config stays light)
 AMP_MODES = ("bf16",)  # and None (none): no autocast
 NORMS = ("gn", "in", "ln", "bn")
-FLIPS = ("random", "alternate")  # = lcs.data.transforms.FLIPS (not imported: config stays light)
+FLIPS = ("random", "alternate")  # ImageData.flip; "alternate" is read by lcs.data.batches
 SCHEDULES = ("cosine", "linear")  # the LR decay after the warm-up (loop.lr_at)
 
 
