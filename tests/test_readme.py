@@ -1,4 +1,5 @@
-"""The README's Python example runs as written."""
+"""The README says what the code does: its Python example runs, its demo table is a fresh run's,
+its config table has every key."""
 
 import re
 import subprocess
@@ -32,3 +33,20 @@ def test_readme_demo_table_matches_a_fresh_demo_run(tmp_path):
     done = subprocess.run([sys.executable, str(tool), "--check", str(out / "eval.json")], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_every_config_key_has_a_row_in_the_readme_table():
+    """A key a user can set but cannot look up is a key nobody finds; a row for a key that no longer
+    exists is a typo that `--set` would reject. Both directions, against the dataclasses."""
+    import dataclasses
+
+    from lcs.train.config import Config
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `") and line.count("|") >= 4]
+    documented = {key for row in rows for key in re.findall(r"`([a-z]+\.[a-z_0-9]+)`", row.split("|")[1])}
+    sections = {f.name: f.default_factory() for f in dataclasses.fields(Config)}
+    keys = {f"{name}.{f.name}" for name, section in sections.items() for f in dataclasses.fields(section)}
+    assert not keys - documented, f"config keys missing from the README table: {sorted(keys - documented)}"
+    table_keys = {k for k in documented if k.split(".")[0] in sections}
+    assert not table_keys - keys, f"README rows for keys the config lacks: {sorted(table_keys - keys)}"
